@@ -67,9 +67,53 @@ def _register_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_demo)
 
 
+# ------------------------------------------------------------------------------------------------
+# train
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from diffdpo.train import main as train_main
+
+    return train_main(args.config, args.overrides)
+
+
+def _register_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="preference-train a model (Diffusion-DPO on SD1.5/SDXL, ...) from a YAML config",
+        description="Run the shared training loop (diffdpo.train) with the config's task and loss; "
+        "multi-GPU: accelerate launch -m diffdpo.cli train --config ...",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=_run_train)
+
+
+# ------------------------------------------------------------------------------------------------
+# sim
+
+
+def _run_sim(args: argparse.Namespace) -> int:
+    from sim.cli import main as sim_main
+
+    return sim_main(args.sim_args)
+
+
+def _register_sim(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sim",
+        help="physical-stability scores of meshes (DSO protocol): sim score PATH... --out scores.parquet",
+        description="Forwarded to `python -m sim`; see `diffdpo sim score --help`.",
+        add_help=False,
+    )
+    p.add_argument("sim_args", nargs=argparse.REMAINDER, help="arguments of `python -m sim`")
+    p.set_defaults(func=_run_sim)
+
+
 _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_demo,
     _register_losses,
+    _register_sim,
+    _register_train,
 ]
 
 

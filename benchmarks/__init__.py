@@ -1,0 +1,1 @@
+"""Side-by-side performance comparisons, one command each."""

@@ -1,0 +1,108 @@
+"""Config dataclasses of the diffusion task (the ``diffusion:`` section of a training config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def _h(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class DiffusionModelConfig:
+    pretrained: str = field(
+        default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        metadata=_h("hub id or local folder of a diffusers SD1.5/SDXL pipeline (unet, vae, text encoders, ...)"),
+    )
+    kind: Literal["sd15", "sdxl"] = field(default="sd15", metadata=_h("model family: conditioning layout"))
+    revision: str | None = field(default=None, metadata=_h("hub revision"))
+    variant: str | None = field(default=None, metadata=_h("weight variant, e.g. fp16"))
+    vae: str | None = field(
+        default=None, metadata=_h("replacement VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
+    )
+    vae_dtype: str = field(
+        default="float32",
+        metadata=_h("VAE dtype: float32 (default; the SDXL VAE overflows to NaN in fp16), or 'auto' = mixed precision"),
+    )
+    text_encoder_dtype: str = field(default="auto", metadata=_h("text encoder dtype; 'auto' = mixed precision"))
+    prediction_type: str | None = field(
+        default=None,
+        metadata=_h("epsilon | v_prediction | sample | flow; None = the scheduler's config"),
+    )
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in (None, "epsilon", "v_prediction", "sample", "flow"):
+            raise ValueError(f"diffusion.model.prediction_type={self.prediction_type!r} is not supported")
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = field(default=False, metadata=_h("train LoRA adapters (reference = adapters disabled)"))
+    rank: int = field(default=8, metadata=_h("LoRA rank r"))
+    alpha: float | None = field(default=None, metadata=_h("LoRA alpha; None = rank (scale 1)"))
+    dropout: float = field(default=0.0, metadata=_h("LoRA dropout"))
+    target_modules: list[str] = field(
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"], metadata=_h("UNet modules to adapt")
+    )
+    offload_reference: bool = field(
+        default=False, metadata=_h("full fine-tune only: keep the frozen reference UNet on CPU (streamed per layer)")
+    )
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"diffusion.lora.rank must be >= 1, got {self.rank}")
+
+
+@dataclass
+class NoiseSection:
+    share_noise: bool = field(
+        default=True, metadata=_h("winner and loser share t and noise (official Diffusion-DPO); false decouples")
+    )
+    weighting: Literal["uniform", "min_snr"] = field(default="uniform", metadata=_h("per-timestep weight"))
+    snr_gamma: float = field(default=5.0, metadata=_h("gamma of Min-SNR-gamma weighting"))
+    logit_mean: float = field(default=0.0, metadata=_h("flow matching: logit-normal t mean (DSO: 1.0)"))
+    logit_std: float = field(default=1.0, metadata=_h("flow matching: logit-normal t std (DSO: 1.0)"))
+    timestep_scale: float = field(default=1000.0, metadata=_h("flow matching: the network sees t * scale"))
+
+    def __post_init__(self) -> None:
+        if self.snr_gamma <= 0 or self.logit_std <= 0:
+            raise ValueError("diffusion.noise.snr_gamma and logit_std must be > 0")
+
+
+@dataclass
+class PickAPicSection:
+    source: str = field(
+        default="data/pickapic_v2/train",
+        metadata=_h("Pick-a-Pic v2 parquet file or folder of shards (caption, jpg_0, jpg_1, label_0, label_1, ...)"),
+    )
+    resolution: int = field(default=512, metadata=_h("square training resolution in pixels"))
+    random_crop: bool = field(default=False, metadata=_h("random crop (else center crop), same for both images"))
+    random_flip: bool = field(default=True, metadata=_h("horizontal flip with p=0.5, same for both images"))
+    drop_ties: bool = field(default=True, metadata=_h("drop pairs labelled 0.5/0.5"))
+    model_filter: list[str] | None = field(default=None, metadata=_h("keep pairs whose model_0/model_1 are in this list"))
+    max_rows: int | None = field(default=None, metadata=_h("read at most this many rows"))
+    validate_images: bool = field(default=False, metadata=_h("decode every image once at start-up"))
+    prompt_dropout: float = field(default=0.0, metadata=_h("probability of replacing a caption by '' (official SD1.5: 0.2)"))
+    cache_dir: str | None = field(
+        default=None, metadata=_h("encode latents + text embeddings once into this folder and train from it")
+    )
+    cache_batch_size: int = field(default=16, metadata=_h("batch size while building the cache"))
+    latent_mode: Literal["mode", "sample"] = field(
+        default="mode", metadata=_h("VAE posterior mean (deterministic, cacheable) or a sample (official script)")
+    )
+
+    def __post_init__(self) -> None:
+        if self.resolution < 8 or self.resolution % 8:
+            raise ValueError(f"diffusion.data.resolution must be a positive multiple of 8, got {self.resolution}")
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ValueError(f"diffusion.data.prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
+
+
+@dataclass
+class DiffusionConfig:
+    model: DiffusionModelConfig = field(default_factory=DiffusionModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    noise: NoiseSection = field(default_factory=NoiseSection)
+    data: PickAPicSection = field(default_factory=PickAPicSection)

@@ -1,0 +1,683 @@
+"""The one training loop shared by every modality (diffusion now; 3D generators and LMs plug in).
+
+A modality is a :class:`PreferenceTask`: it owns the trainable module, the dataset and a
+``compute(model, batch, keys)`` that returns per-sample log-likelihoods (or proxies) of the policy and
+the reference. The loop turns them into a loss with :mod:`diffdpo.losses` (never a private copy), and
+does everything else: accelerate (mixed precision, DDP/DeepSpeed/FSDP via ``accelerate launch``),
+gradient accumulation, optimiser and warmup schedule, clipping, non-finite-loss skipping, logging
+(tqdm, TensorBoard, ``metrics.jsonl``) and atomic, exactly resumable checkpoints.
+
+Diffusion-DPO (Wallace et al. 2023, arXiv 2311.12908, eq. 14) is the case ``logp = -0.5 * mse``::
+
+    L = -log sigmoid(beta * ((logp_w - ref_w) - (logp_l - ref_l)))
+      = -log sigmoid(-0.5 * beta * ((m_w - m_l) - (r_w - r_l)))
+
+Reading order: config -> setup (:func:`train`) -> :func:`train_step` -> checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+
+from diffdpo.diffusion.config import DiffusionConfig
+from diffdpo.lm.config import LMConfig
+
+
+def _h(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+# ------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adafactor", "adamw8bit"] = field(
+        default="adamw", metadata=_h("adamw | adafactor (no relative step, no parameter scaling) | adamw8bit (bitsandbytes)")
+    )
+    lr: float = field(default=1e-5, metadata=_h("learning rate (per sample if scale_lr)"))
+    scale_lr: bool = field(default=False, metadata=_h("multiply lr by the effective batch size (official: 1e-8 x 2048)"))
+    weight_decay: float = field(default=1e-2, metadata=_h("decoupled weight decay"))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_h("Adam betas"))
+    eps: float = field(default=1e-8, metadata=_h("Adam epsilon"))
+    max_grad_norm: float = field(default=1.0, metadata=_h("clip the gradient norm to this; 0 = no clipping"))
+    lr_scheduler: str = field(
+        default="constant_with_warmup",
+        metadata=_h("diffusers.optimization.get_scheduler name: constant, constant_with_warmup, linear, cosine, ..."),
+    )
+    warmup_steps: int = field(default=0, metadata=_h("warmup optimizer steps"))
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
+            raise ValueError("optim: lr must be > 0, warmup_steps and max_grad_norm >= 0")
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas must have two values, got {self.betas}")
+
+
+@dataclass
+class LossConfig:
+    type: str = field(default="sigmoid", metadata=_h("a preference loss (sigmoid, ipo, ...) or pointwise (kto, dro, ...)"))
+    beta: float = field(default=5000.0, metadata=_h("beta of diffdpo.losses; the Diffusion-DPO beta (5000) as is"))
+    label_smoothing: float = field(default=0.0, metadata=_h("label smoothing / flip rate (cdpo, robust, ...)"))
+    f_divergence: str = field(default="reverse_kl", metadata=_h("f-DPO divergence"))
+    f_alpha: float = field(default=0.5, metadata=_h("alpha of the alpha-divergence"))
+
+    def __post_init__(self) -> None:
+        from diffdpo.losses import POINTWISE_LOSS_TYPES, PREFERENCE_LOSS_TYPES
+
+        if self.type not in PREFERENCE_LOSS_TYPES + POINTWISE_LOSS_TYPES:
+            raise ValueError(
+                f"loss.type={self.type!r} is unknown; use one of {', '.join(PREFERENCE_LOSS_TYPES + POINTWISE_LOSS_TYPES)}"
+            )
+        if self.beta <= 0:
+            raise ValueError(f"loss.beta must be > 0, got {self.beta}")
+
+
+@dataclass
+class TrainConfig:
+    task: Literal["diffusion", "lm"] = field(default="diffusion", metadata=_h("which modality supplies the log-likelihoods"))
+    output_dir: str = field(default="runs/diffusion_dpo", metadata=_h("logs, checkpoints and final weights go here"))
+    seed: int = field(default=0, metadata=_h("seed of data order, noise, timesteps and prompt dropout"))
+    max_steps: int = field(default=2000, metadata=_h("optimizer steps"))
+    per_device_batch_size: int = field(default=1, metadata=_h("pairs per device per micro-batch"))
+    gradient_accumulation_steps: int = field(default=1, metadata=_h("micro-batches per optimizer step"))
+    effective_batch_size: int = field(
+        default=0, metadata=_h("if > 0: derive gradient_accumulation_steps = this / (per_device x processes)")
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata=_h("accelerate mixed precision"))
+    gradient_checkpointing: bool = field(default=False, metadata=_h("trade compute for activation memory"))
+    dataloader_workers: int = field(default=0, metadata=_h("DataLoader worker processes"))
+    log_every: int = field(default=1, metadata=_h("log metrics every N steps"))
+    tensorboard: bool = field(default=True, metadata=_h("also log to TensorBoard in output_dir/tensorboard"))
+    progress_bar: bool = field(default=True, metadata=_h("tqdm progress bar on the main process"))
+    checkpoint_every: int = field(default=500, metadata=_h("save a resumable checkpoint every N steps; 0 = never"))
+    checkpoints_total_limit: int = field(default=3, metadata=_h("keep only the newest N checkpoints; 0 = all"))
+    checkpoint_weights: bool = field(
+        default=True,
+        metadata=_h("also export usable weights into each checkpoint (LoRA: small; a full UNet doubles its size)"),
+    )
+    resume_from: str | None = field(default=None, metadata=_h("checkpoint folder, or 'latest' in output_dir"))
+    max_consecutive_nonfinite: int = field(
+        default=5, metadata=_h("stop after this many optimizer steps in a row with a non-finite loss")
+    )
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("max_steps, per_device_batch_size and gradient_accumulation_steps must be >= 1")
+        if self.max_consecutive_nonfinite < 1 or self.log_every < 1:
+            raise ValueError("max_consecutive_nonfinite and log_every must be >= 1")
+
+
+# ------------------------------------------------------------------------------------------------
+# the task protocol
+
+
+@dataclass
+class LogpsOut:
+    """Per-pair log-likelihoods (or proxies) from a paired task; each tensor is [B]."""
+
+    policy_chosen: torch.Tensor
+    policy_rejected: torch.Tensor
+    ref_chosen: torch.Tensor | None
+    ref_rejected: torch.Tensor | None
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached batch means
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)  # per-type extras, e.g. IPO ``chosen_lengths``
+
+    @property
+    def size(self) -> int:
+        return int(self.policy_chosen.shape[0])
+
+
+@dataclass
+class PointwiseLogpsOut:
+    """Per-sample log-likelihoods with labels, for KTO/DRO-style losses; each tensor is [B]."""
+
+    policy: torch.Tensor
+    ref: torch.Tensor | None
+    labels: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. DRO ``values``
+
+    @property
+    def size(self) -> int:
+        return int(self.policy.shape[0])
+
+
+@runtime_checkable
+class PreferenceTask(Protocol):
+    """What a modality provides to the loop. ``keys`` are stable per-sample integers (epoch and dataset
+    index) from which the task seeds its per-sample randomness, so results do not depend on batch
+    size, accumulation, process count or resumption."""
+
+    def trainable_module(self) -> torch.nn.Module: ...
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+    def dataset(self) -> Any: ...
+    def collate(self, items: list[Any]) -> Any: ...
+    def compute(self, model: torch.nn.Module, batch: Any, keys: torch.Tensor) -> LogpsOut | PointwiseLogpsOut: ...
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+    def export(self, out_dir: Path) -> None: ...
+
+
+def build_task(cfg: TrainConfig, accelerator: Any) -> PreferenceTask:
+    """The modality named by ``cfg.task`` (the one place variants are chosen)."""
+    if cfg.task == "diffusion":
+        from diffdpo.diffusion.task import DiffusionPreferenceTask
+
+        return DiffusionPreferenceTask(cfg.diffusion, accelerator=accelerator, seed=cfg.seed,
+                                       gradient_checkpointing=cfg.gradient_checkpointing)
+    if cfg.task == "lm":
+        from diffdpo.lm.task import LMPreferenceTask
+
+        return LMPreferenceTask(cfg.lm, loss_type=cfg.loss.type, accelerator=accelerator, seed=cfg.seed,
+                                per_device_batch_size=cfg.per_device_batch_size,
+                                gradient_checkpointing=cfg.gradient_checkpointing)
+    raise ValueError(f"unknown task {cfg.task!r}")
+
+
+def apply_loss(out: LogpsOut | PointwiseLogpsOut, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-sample losses [B] and detached batch-mean metrics, from :mod:`diffdpo.losses`."""
+    from diffdpo.losses import POINTWISE_LOSS_TYPES, pointwise_loss, preference_loss
+
+    if isinstance(out, PointwiseLogpsOut):
+        if cfg.type not in POINTWISE_LOSS_TYPES:
+            raise ValueError(f"the task gives pointwise log-likelihoods; loss.type={cfg.type!r} needs pairs")
+        res = pointwise_loss(out.policy, out.ref, out.labels, loss_type=cfg.type, beta=cfg.beta, **out.loss_kwargs)
+        return res.losses, res.metrics()
+    if cfg.type in POINTWISE_LOSS_TYPES:
+        raise ValueError(f"the task gives pairs; loss.type={cfg.type!r} is pointwise")
+    res = preference_loss(
+        out.policy_chosen, out.policy_rejected, out.ref_chosen, out.ref_rejected, loss_type=cfg.type,
+        beta=cfg.beta, label_smoothing=cfg.label_smoothing, f_divergence=cfg.f_divergence, f_alpha=cfg.f_alpha,
+        **out.loss_kwargs,
+    )
+    return res.losses, res.metrics()
+
+
+# ------------------------------------------------------------------------------------------------
+# data position and batches
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights/optimizer that a resumed run needs (saved as JSON)."""
+
+    step: int = 0  # optimizer steps done (skipped non-finite steps included)
+    epoch: int = 0
+    batch_in_epoch: int = 0  # global micro-batches of ``epoch`` already consumed
+    nonfinite_total: int = 0
+    nonfinite_in_a_row: int = 0
+    empty_batches: int = 0
+
+
+class _Keyed(torch.utils.data.Dataset):
+    """Dataset items tagged with a stable key ``epoch * len + index`` (seeds per-sample randomness)."""
+
+    def __init__(self, base: Any, epoch: int) -> None:
+        self.base, self.epoch = base, epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return self.epoch * len(self.base) + i, self.base[i]
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """This process's share of each global batch of a seeded per-epoch permutation, from ``start`` on."""
+
+    def __init__(self, n: int, *, seed: int, epoch: int, per_device: int, rank: int, world: int, start: int) -> None:
+        self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+        self.per_device, self.rank, self.world = per_device, rank, world
+
+    def __len__(self) -> int:
+        return max(self.n // (self.per_device * self.world) - self.start, 0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        global_batch = self.per_device * self.world
+        for b in range(self.start, self.n // global_batch):
+            lo = b * global_batch + self.rank * self.per_device
+            yield order[lo : lo + self.per_device]
+
+
+def _make_collate(task: PreferenceTask):
+    def collate(rows: list[tuple[int, Any]]) -> tuple[torch.Tensor, Any]:
+        kept = [(k, item) for k, item in rows if item is not None]  # undecodable rows come back as None
+        keys = torch.tensor([k for k, _ in kept], dtype=torch.long)
+        return keys, (task.collate([item for _, item in kept]) if kept else None)
+
+    return collate
+
+
+def micro_batches(task: PreferenceTask, cfg: TrainConfig, accelerator: Any, state: TrainState
+                  ) -> Iterator[tuple[torch.Tensor, Any]]:
+    """Endless ``(keys, batch)`` micro-batches from ``state``'s data position, advancing it as they are taken."""
+    dataset = task.dataset()
+    n, world = len(dataset), accelerator.num_processes
+    if n < cfg.per_device_batch_size * world:
+        raise ValueError(f"the dataset has {n} items, fewer than one global batch "
+                         f"({cfg.per_device_batch_size} x {world} processes)")
+    while True:
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(state.epoch)
+        sampler = _EpochBatches(n, seed=cfg.seed, epoch=state.epoch, per_device=cfg.per_device_batch_size,
+                                rank=accelerator.process_index, world=world, start=state.batch_in_epoch)
+        loader = torch.utils.data.DataLoader(_Keyed(dataset, state.epoch), batch_sampler=sampler,
+                                             collate_fn=_make_collate(task), num_workers=cfg.dataloader_workers)
+        for keys, batch in loader:
+            state.batch_in_epoch += 1
+            yield keys, batch
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+
+# ------------------------------------------------------------------------------------------------
+# optimiser and schedule
+
+
+def resolve_accumulation(cfg: TrainConfig, num_processes: int) -> int:
+    """Micro-batches per step: as configured, or derived from ``effective_batch_size``."""
+    if cfg.effective_batch_size <= 0:
+        return cfg.gradient_accumulation_steps
+    per_micro = cfg.per_device_batch_size * num_processes
+    if cfg.effective_batch_size % per_micro:
+        raise ValueError(f"effective_batch_size={cfg.effective_batch_size} is not a multiple of "
+                         f"per_device_batch_size x processes = {per_micro}")
+    return cfg.effective_batch_size // per_micro
+
+
+def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW, Adafactor (as in the official SDXL Diffusion-DPO run) or 8-bit AdamW."""
+    params = list(params)
+    if cfg.name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, weight_decay=cfg.weight_decay, scale_parameter=False,
+                         relative_step=False, warmup_init=False, clip_threshold=1.0)
+    if cfg.name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise ImportError("optim.name=adamw8bit needs bitsandbytes: pip install 'diffdpo[bnb]'") from exc
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> Any:
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                         num_training_steps=max_steps)
+
+
+# ------------------------------------------------------------------------------------------------
+# one optimizer step
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss."""
+
+
+@dataclass
+class Trainer:
+    """The objects one step needs; built by :func:`setup`."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    task: PreferenceTask
+    model: torch.nn.Module
+    optimizer: Any
+    lr_scheduler: Any
+    accumulation: int
+    lr: float
+    state: TrainState = field(default_factory=TrainState)
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.cfg.per_device_batch_size * self.accelerator.num_processes * self.accumulation
+
+
+def _micro_step(tr: Trainer, keys: torch.Tensor, batch: Any, sync: bool, sums: dict[str, torch.Tensor]) -> bool:
+    """Forward + backward of one micro-batch; adds count-weighted metrics to ``sums``. Returns finiteness."""
+    if keys.numel() == 0:
+        tr.state.empty_batches += 1
+        return True
+    no_sync = contextlib.nullcontext() if sync else tr.accelerator.no_sync(tr.model)
+    with no_sync, tr.accelerator.autocast():
+        out = tr.task.compute(tr.model, batch, keys)
+        losses, metrics = apply_loss(out, tr.cfg.loss)  # (B,)
+        # sum / nominal pairs per step: batch b x accumulation a gives the same gradient for any b*a
+        loss = losses.float().sum() / (tr.cfg.per_device_batch_size * tr.accumulation)
+        tr.accelerator.backward(loss)  # even if non-finite, so DDP ranks stay in step; grads dropped below
+    n = torch.tensor(float(out.size), device=losses.device)
+    sums["count"] = sums.get("count", 0) + n
+    for name, value in {**metrics, **out.metrics}.items():
+        sums[name] = sums.get(name, 0) + value.detach().float() * n
+    return bool(torch.isfinite(losses.detach()).all())
+
+
+def train_step(tr: Trainer, batches: Iterator[tuple[torch.Tensor, Any]]) -> dict[str, float]:
+    """Accumulate ``tr.accumulation`` micro-batches, then clip and step (or skip a non-finite step)."""
+    sums: dict[str, torch.Tensor] = {}
+    finite = True
+    for i in range(tr.accumulation):
+        keys, batch = next(batches)
+        finite &= _micro_step(tr, keys, batch, sync=i == tr.accumulation - 1, sums=sums)
+    flag = tr.accelerator.reduce(torch.tensor(0.0 if finite else 1.0, device=tr.accelerator.device), "sum")
+    logs = _reduce_metrics(tr, sums)
+    if float(flag) > 0:
+        tr.optimizer.zero_grad(set_to_none=True)
+        tr.state.nonfinite_total += 1
+        tr.state.nonfinite_in_a_row += 1
+        logs.update(skipped=1.0, nonfinite_total=float(tr.state.nonfinite_total))
+        if tr.state.nonfinite_in_a_row >= tr.cfg.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{tr.state.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss (at step "
+                f"{tr.state.step + 1}); stopping. Lower optim.lr or loss.beta, use bf16 instead of fp16, "
+                "or run the VAE in float32 (diffusion.model.vae_dtype=float32)."
+            )
+        return logs
+    tr.state.nonfinite_in_a_row = 0
+    max_norm = tr.cfg.optim.max_grad_norm if tr.cfg.optim.max_grad_norm > 0 else math.inf
+    grad_norm = tr.accelerator.clip_grad_norm_(tr.task.trainable_parameters(), max_norm)
+    logs["lr"] = float(tr.lr_scheduler.get_last_lr()[0])
+    tr.optimizer.step()
+    tr.lr_scheduler.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    # fp16: the grad scaler itself skips steps whose gradients overflowed (the loss was finite)
+    logs.update(grad_norm=float(grad_norm), skipped=0.0, scaler_skipped=float(tr.accelerator.optimizer_step_was_skipped))
+    return logs
+
+
+def _reduce_metrics(tr: Trainer, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Count-weighted means over micro-batches and processes (one sync per step)."""
+    if not sums:
+        return {"pairs": 0.0}
+    names = sorted(k for k in sums if k != "count")
+    stacked = torch.stack([torch.as_tensor(sums[k]).float() for k in ["count", *names]])
+    stacked = tr.accelerator.reduce(stacked.to(tr.accelerator.device), "sum").cpu()
+    count = float(stacked[0])
+    return {"pairs": count, **{k: float(v) / max(count, 1.0) for k, v in zip(names, stacked[1:])}}
+
+
+# ------------------------------------------------------------------------------------------------
+# logging
+
+
+class MetricsLogger:
+    """Per-step metrics to ``metrics.jsonl``, TensorBoard and the progress bar (main process only)."""
+
+    def __init__(self, cfg: TrainConfig, accelerator: Any, initial_step: int) -> None:
+        self.main = accelerator.is_main_process
+        self.out = Path(cfg.output_dir)
+        self.writer = self.bar = None
+        if not self.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = (self.out / "metrics.jsonl").open("a")
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "tensorboard"))
+        if cfg.progress_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=cfg.max_steps, initial=initial_step, desc="train", dynamic_ncols=True)
+
+    def log(self, step: int, logs: dict[str, float]) -> None:
+        if not self.main:
+            return
+        self.jsonl.write(json.dumps({"step": step, **logs}) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for name, value in logs.items():
+                self.writer.add_scalar(name, value, step)
+        if self.bar is not None:
+            shown = {k: logs[k] for k in ("loss", "rewards/accuracies", "rewards/margins", "grad_norm") if k in logs}
+            self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if not self.main:
+            return
+        self.jsonl.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints: safetensors + JSON, written to a temporary folder and renamed into place
+
+
+def _split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer ``state_dict`` -> (flat tensors for safetensors, JSON-able rest)."""
+    tensors: dict[str, torch.Tensor] = {}
+    rest: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
+    for idx, slots in state["state"].items():
+        rest["state"][str(idx)] = {}
+        for name, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}/{name}"] = value.detach().cpu().contiguous()
+            else:
+                rest["state"][str(idx)][name] = value
+    return tensors, rest
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in rest["state"].items()}
+    for key, value in tensors.items():
+        idx, name = key.split("/", 1)
+        state.setdefault(int(idx), {})[name] = value
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in rest["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    import numpy as np
+
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    np_state = np.random.get_state()  # noqa: NPY002 (the legacy global stream is what we restore)
+    return tensors, {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    py = rest["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, gauss = rest["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))  # noqa: NPY002
+
+
+def save_checkpoint(tr: Trainer) -> Path | None:
+    """Write ``output_dir/checkpoints/step-XXXXXXX`` atomically (temp folder, then rename)."""
+    from safetensors.torch import save_file
+
+    acc = tr.accelerator
+    root = Path(tr.cfg.output_dir) / "checkpoints"
+    final = root / f"step-{tr.state.step:07d}"
+    tmp = root / f".tmp-{final.name}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tr.task.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        opt_tensors, opt_rest = _split_optimizer_state(tr.optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        extra = {"optimizer": opt_rest, "lr_scheduler": tr.lr_scheduler.state_dict(), "state": asdict(tr.state)}
+        if acc.scaler is not None:
+            extra["grad_scaler"] = acc.scaler.state_dict()
+        (tmp / "trainer_state.json").write_text(json.dumps(extra, default=_json_default))
+        from diffdpo.config import save_config
+
+        save_config(tr.cfg, tmp / "config.yaml")
+        if tr.cfg.checkpoint_weights:
+            tr.task.export(tmp / "weights")
+    acc.wait_for_everyone()
+    rng_tensors, rng_rest = _rng_state()  # every process keeps its own RNG streams
+    save_file(rng_tensors, str(tmp / f"rng_{acc.process_index}.safetensors"))
+    (tmp / f"rng_{acc.process_index}.json").write_text(json.dumps(rng_rest))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _prune_checkpoints(root, tr.cfg.checkpoints_total_limit)
+    acc.wait_for_everyone()
+    return final
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint's JSON")
+
+
+def _prune_checkpoints(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    done = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(cfg: TrainConfig) -> Path | None:
+    """``resume_from`` as a folder; ``latest`` = newest complete checkpoint in output_dir (None if none)."""
+    if not cfg.resume_from:
+        return None
+    if cfg.resume_from != "latest":
+        path = Path(cfg.resume_from)
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"resume_from={str(path)!r} is not a checkpoint folder (no trainer_state.json)")
+        return path
+    done = sorted((Path(cfg.output_dir) / "checkpoints").glob("step-*"))
+    return done[-1] if done else None
+
+
+def load_checkpoint(tr: Trainer, path: Path) -> None:
+    """Restore weights, optimizer, LR schedule, grad scaler, RNG and data position from ``path``."""
+    from safetensors.torch import load_file
+
+    extra = json.loads((path / "trainer_state.json").read_text())
+    tr.task.load_state_dict(load_file(str(path / "model.safetensors")))
+    opt_tensors = load_file(str(path / "optimizer.safetensors"))
+    tr.optimizer.load_state_dict(_join_optimizer_state(opt_tensors, extra["optimizer"]))
+    tr.lr_scheduler.load_state_dict(extra["lr_scheduler"])
+    if tr.accelerator.scaler is not None and "grad_scaler" in extra:
+        tr.accelerator.scaler.load_state_dict(extra["grad_scaler"])
+    tr.state = TrainState(**extra["state"])
+    rank = tr.accelerator.process_index
+    rng_file = path / f"rng_{rank}.safetensors"
+    if rng_file.is_file():
+        _set_rng_state(load_file(str(rng_file)), json.loads((path / f"rng_{rank}.json").read_text()))
+
+
+# ------------------------------------------------------------------------------------------------
+# setup and the loop
+
+
+def setup(cfg: TrainConfig, task: PreferenceTask | None = None) -> Trainer:
+    """Accelerator, task, optimizer, LR schedule; restores a checkpoint if ``resume_from`` names one."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    set_seed(cfg.seed)
+    task = task if task is not None else build_task(cfg, accelerator)
+    accumulation = resolve_accumulation(cfg, accelerator.num_processes)
+    effective = cfg.per_device_batch_size * accelerator.num_processes * accumulation
+    lr = cfg.optim.lr * effective if cfg.optim.scale_lr else cfg.optim.lr
+    optimizer = build_optimizer(task.trainable_parameters(), cfg.optim, lr)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.max_steps)  # stepped once per optimizer step
+    model, optimizer = accelerator.prepare(task.trainable_module(), optimizer)
+    tr = Trainer(cfg, accelerator, task, model, optimizer, lr_scheduler, accumulation, lr)
+    checkpoint = find_checkpoint(cfg)
+    if checkpoint is not None:
+        load_checkpoint(tr, checkpoint)
+        accelerator.print(f"resumed from {checkpoint} at step {tr.state.step}")
+    return tr
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_dir: Path | None
+    history: list[dict[str, float]]
+    nonfinite_total: int
+
+
+def run(tr: Trainer) -> TrainResult:
+    """The loop: steps from the current state to ``max_steps``, checkpoints, final export."""
+    cfg, acc = tr.cfg, tr.accelerator
+    acc.print(f"effective batch {tr.effective_batch_size} pairs ({cfg.per_device_batch_size} per device x "
+              f"{acc.num_processes} processes x {tr.accumulation} accumulation), lr {tr.lr:.4g}")
+    logger = MetricsLogger(cfg, acc, tr.state.step)
+    batches = micro_batches(tr.task, cfg, acc, tr.state)
+    history: list[dict[str, float]] = []
+    try:
+        while tr.state.step < cfg.max_steps:
+            logs = train_step(tr, batches)
+            tr.state.step += 1
+            history.append({"step": tr.state.step, **logs})
+            if tr.state.step % cfg.log_every == 0 or tr.state.step == cfg.max_steps:
+                logger.log(tr.state.step, logs)
+            logger.advance()
+            if cfg.checkpoint_every and tr.state.step % cfg.checkpoint_every == 0:
+                save_checkpoint(tr)
+    finally:
+        logger.close()
+    stats = getattr(tr.task.dataset(), "stats", None)
+    if stats is not None and hasattr(stats, "summary"):
+        acc.print(stats.summary())  # rows read, ties dropped, corrupt rows skipped (this process's view)
+    final = Path(cfg.output_dir) / "final"
+    if acc.is_main_process:
+        tr.task.export(final)
+    acc.wait_for_everyone()
+    return TrainResult(tr.state.step, final, history, tr.state.nonfinite_total)
+
+
+def train(cfg: TrainConfig, task: PreferenceTask | None = None) -> TrainResult:
+    """Set up and run a training job from a config (``task`` overrides the one ``cfg.task`` names)."""
+    return run(setup(cfg, task))
+
+
+def main(config_path: str | None, overrides: Sequence[str] = ()) -> int:
+    """Entry point of ``diffdpo train --config PATH key=value ...``."""
+    from diffdpo.config import load_config
+
+    cfg = load_config(TrainConfig, config_path, overrides)
+    result = train(cfg)
+    print(f"trained {result.steps} steps; weights in {result.final_dir}"
+          + (f"; {result.nonfinite_total} non-finite steps skipped" if result.nonfinite_total else ""))
+    return 0
