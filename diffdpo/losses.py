@@ -140,6 +140,15 @@ def _check_beta(beta: float) -> None:
         raise ValueError(f"beta must be a finite number > 0, got beta={beta!r}")
 
 
+def _check_extra(loss_type: str, extra: dict, allowed: frozenset[str]) -> None:
+    unknown = set(extra) - allowed
+    if unknown:
+        raise ValueError(
+            f"unexpected argument(s) {', '.join(sorted(unknown))} for loss_type={loss_type!r}"
+            + (f"; it accepts {', '.join(sorted(allowed))}" if allowed else "")
+        )
+
+
 def _check_same_shape(**tensors: Tensor | None) -> torch.Size:
     shape = None
     first = None
@@ -262,13 +271,7 @@ def preference_loss(
         ref_chosen_logps=None if reference_free else ref_chosen_logps,
         ref_rejected_logps=None if reference_free else ref_rejected_logps,
     )
-    allowed_extra = _EXTRA_KEYS[loss_type]
-    unknown = set(extra) - allowed_extra
-    if unknown:
-        raise ValueError(
-            f"unexpected argument(s) {', '.join(sorted(unknown))} for loss_type={loss_type!r}"
-            + (f"; it accepts {', '.join(sorted(allowed_extra))}" if allowed_extra else "")
-        )
+    _check_extra(loss_type, extra, _EXTRA_KEYS[loss_type])
 
     if reference_free:
         return _reference_free_loss(
@@ -491,13 +494,7 @@ def pointwise_loss(
     """
     _check_choice("loss_type", loss_type, POINTWISE_LOSS_TYPES)
     _check_beta(beta)
-    allowed_extra = _POINTWISE_EXTRA_KEYS[loss_type]
-    unknown = set(extra) - allowed_extra
-    if unknown:
-        raise ValueError(
-            f"unexpected argument(s) {', '.join(sorted(unknown))} for loss_type={loss_type!r}"
-            + (f"; it accepts {', '.join(sorted(allowed_extra))}" if allowed_extra else "")
-        )
+    _check_extra(loss_type, extra, _POINTWISE_EXTRA_KEYS[loss_type])
     needs_ref = loss_type in ("kto", "dro") or (loss_type == "dso_dro" and extra.get("anchored", False))
     if needs_ref and ref_logps is None:
         raise ValueError(f"loss_type={loss_type!r} needs ref_logps (got None)")

@@ -175,6 +175,25 @@ class PreferenceTask(Protocol):
     def export(self, out_dir: Path) -> None: ...
 
 
+def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors of ``module`` by name (LoRA adapters, or every weight of a full fine-tune)."""
+    return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into ``module``'s parameters; every trainable tensor must be present."""
+    params = dict(module.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if missing:
+        raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[:3]}")
+    unknown = [n for n in state if n not in params]
+    if unknown:
+        raise KeyError(f"checkpoint has {len(unknown)} tensors this model does not, e.g. {unknown[:3]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
 def build_task(cfg: TrainConfig, accelerator: Any) -> PreferenceTask:
     """The modality named by ``cfg.task`` (the one place variants are chosen)."""
     if cfg.task == "diffusion":

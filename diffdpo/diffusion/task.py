@@ -44,7 +44,7 @@ from diffdpo.diffusion.schedule import (
     pair_generators,
     per_sample_mse,
 )
-from diffdpo.train import LogpsOut
+from diffdpo.train import LogpsOut, load_trainable_state_dict, trainable_state_dict
 
 NOISE_STREAM, DROPOUT_STREAM = 0, 1
 
@@ -193,16 +193,10 @@ class DiffusionPreferenceTask:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Trainable weights by name (LoRA adapters, or the whole UNet)."""
-        return {n: p.detach() for n, p in self.unet.named_parameters() if p.requires_grad}
+        return trainable_state_dict(self.unet)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.unet.named_parameters())
-        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-        if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[:3]}")
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
+        load_trainable_state_dict(self.unet, state)
 
     def export(self, out_dir: Path) -> None:
         """LoRA -> ``pytorch_lora_weights.safetensors`` (diffusers format); full -> ``unet/`` folder."""

@@ -40,7 +40,7 @@ from diffdpo.lm.models import (
 from diffdpo.lm.packing import Group, TokenBatch, collate_groups, prepare_for_packing
 from diffdpo.lm.reference import PrecomputedReference, precompute_reference
 from diffdpo.losses import POINTWISE_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
-from diffdpo.train import LogpsOut, PointwiseLogpsOut
+from diffdpo.train import LogpsOut, PointwiseLogpsOut, load_trainable_state_dict, trainable_state_dict
 
 
 class LMPreferenceTask:
@@ -171,16 +171,10 @@ class LMPreferenceTask:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Trainable weights by name (LoRA adapters, or the whole model)."""
-        return {n: p.detach() for n, p in self.policy.named_parameters() if p.requires_grad}
+        return trainable_state_dict(self.policy)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.policy.named_parameters())
-        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-        if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[:3]}")
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
+        load_trainable_state_dict(self.policy, state)
 
     def export(self, out_dir: Path) -> None:
         """LoRA -> peft adapter folder; full -> ``save_pretrained`` model; tokenizer alongside; tiny-world eval."""
