@@ -64,7 +64,7 @@ def load_components(
     (e.g. ``madebyollin/sdxl-vae-fp16-fix``, loaded from its root). Frozen parts are set to eval and
     ``requires_grad_(False)``; the UNet is returned trainable in ``unet_dtype``.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler
 
     common = {"revision": revision}
     scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **common)
@@ -72,7 +72,7 @@ def load_components(
     tokenizers: list[Any] = []
     encoders: list[Any] = []
     if load_unet:
-        unet = UNet2DConditionModel.from_pretrained(
+        unet = unet_class(pretrained).from_pretrained(
             pretrained, subfolder="unet", variant=variant, torch_dtype=unet_dtype, **common
         )
     if load_encoders:
@@ -86,6 +86,28 @@ def load_components(
         for module in [vae, *encoders]:
             module.requires_grad_(False).eval()
     return DiffusionComponents(kind, unet, vae, tokenizers, encoders, scheduler)
+
+
+#: UNet subclasses of this package, by the ``_class_name`` their saved ``unet/config.json`` records.
+OWN_UNET_CLASSES = {"CoordUNet2DConditionModel": "diffdpo.toy.t2i"}
+
+
+def unet_class(pretrained: str) -> type:
+    """``UNet2DConditionModel``, or this package's subclass that a local folder's ``unet/config.json`` names.
+
+    Only this package's own classes are honoured (e.g. the shapes world's coordinate-channel UNet); a
+    folder never makes us import other code.
+    """
+    import importlib
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    config = Path(pretrained) / "unet" / "config.json"
+    name = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+    if name not in OWN_UNET_CLASSES:
+        return UNet2DConditionModel
+    return getattr(importlib.import_module(OWN_UNET_CLASSES[name]), name)
 
 
 def _load_text_stack(

@@ -1,0 +1,1 @@
+"""Evaluation: win rates with confidence intervals, image grids and training curves."""

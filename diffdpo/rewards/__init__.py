@@ -1,0 +1,1 @@
+"""Scorers that play the labeller: the programmatic judge of the shapes world."""

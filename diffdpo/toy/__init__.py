@@ -1,0 +1,1 @@
+"""Embedded worlds for CPU demos and tests (no downloads)."""
