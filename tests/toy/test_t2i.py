@@ -6,7 +6,14 @@ import numpy as np
 import torch
 
 from diffdpo.diffusion.models import load_components, unet_class
-from diffdpo.toy.t2i import build_components, build_tokenizer, load_pipeline, make_pipeline, sample_images, save_pipeline
+from diffdpo.toy.t2i import (
+    build_components,
+    build_tokenizer,
+    load_pipeline,
+    make_pipeline,
+    sample_images,
+    save_pipeline,
+)
 
 
 def test_word_level_tokenizer():
