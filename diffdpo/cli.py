@@ -89,6 +89,28 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# dso
+
+
+def _run_dso(args: argparse.Namespace) -> int:
+    from diffdpo.dso.loop import main as dso_main
+
+    return dso_main(args.config, args.overrides)
+
+
+def _register_dso(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "dso",
+        help="DSO: rounds of sample -> simulate -> DPO/DRO/KTO fine-tune of a 3D generator (toy voxels on CPU)",
+        description="Self-improvement loop with simulation feedback (Li et al. 2025): each round samples "
+        "objects, scores their stability in pybullet, builds pairs or labels and fine-tunes a LoRA adapter "
+        "with the shared training loop; writes scores, reports, plots and renders per round.",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=_run_dso)
+
+
+# ------------------------------------------------------------------------------------------------
 # sim
 
 
@@ -111,6 +133,7 @@ def _register_sim(sub: argparse._SubParsersAction) -> None:
 
 _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_demo,
+    _register_dso,
     _register_losses,
     _register_sim,
     _register_train,

@@ -138,6 +138,8 @@ class LogpsOut:
     ref_rejected: torch.Tensor | None
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached batch means
     loss_kwargs: dict[str, Any] = field(default_factory=dict)  # per-type extras, e.g. IPO ``chosen_lengths``
+    # optional [B] term the loop adds to the per-pair losses, e.g. a denoising (SFT) regulariser
+    aux_losses: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -153,6 +155,7 @@ class PointwiseLogpsOut:
     labels: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     loss_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. DRO ``values``
+    aux_losses: torch.Tensor | None = None  # optional [B] term added to the per-sample losses
 
     @property
     def size(self) -> int:
@@ -382,6 +385,9 @@ def _micro_step(tr: Trainer, keys: torch.Tensor, batch: Any, sync: bool, sums: d
     with no_sync, tr.accelerator.autocast():
         out = tr.task.compute(tr.model, batch, keys)
         losses, metrics = apply_loss(out, tr.cfg.loss)  # (B,)
+        if out.aux_losses is not None:  # a task-supplied regulariser, e.g. DSO's denoising term
+            metrics["loss/aux"] = out.aux_losses.detach().mean()
+            losses = losses + out.aux_losses  # (B,)
         # sum / nominal pairs per step: batch b x accumulation a gives the same gradient for any b*a
         loss = losses.float().sum() / (tr.cfg.per_device_batch_size * tr.accumulation)
         tr.accelerator.backward(loss)  # even if non-finite, so DDP ranks stay in step; grads dropped below

@@ -1,0 +1,352 @@
+"""The DSO self-improvement loop: sample -> mesh -> simulate -> dataset -> fine-tune -> evaluate, R rounds.
+
+``diffdpo dso --config configs/dso_toy.yaml [key=value ...]`` (Li et al. 2025, arXiv 2503.22677, run
+for several rounds). Round 0 evaluates the shipped base on fixed held-out seeds; each round r >= 1
+
+1. samples ``samples_per_class`` objects per class from the current policy at fresh seeds, in groups
+   of ``group_size`` consecutive seeds;
+2. decodes them to meshes and scores them with :func:`sim.score_meshes` (pybullet, DSO protocol);
+3. builds DPO pairs within groups (uniform groups dropped) or pointwise stable/unstable labels;
+4. fine-tunes one LoRA adapter (kept across rounds; the reference is always the base, adapters off)
+   with :func:`diffdpo.train.train` and the configured loss of :mod:`diffdpo.losses`;
+5. evaluates on the held-out seeds.
+
+Outputs in ``output_dir``: ``round_XX/scores.parquet`` (train and eval samples of the round),
+``round_XX/report.json``, ``report.json`` (all rounds), ``stability.png`` (stable rate, mean angle,
+fidelity and size per round), ``grid_round_XX.png`` (depth renders, base vs round r, same seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffdpo.train import LossConfig, OptimConfig
+
+
+def _h(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class SimSettings:
+    duration_s: float = field(default=2.0, metadata=_h("simulated seconds (pybullet, 240 Hz)"))
+    angle_threshold_deg: float = field(default=20.0, metadata=_h("stable iff rotation below this (DSO: 20)"))
+    workers: int = field(default=0, metadata=_h("sim worker processes; 0 = in this process (trusted toy meshes)"))
+
+
+@dataclass
+class DSOConfig:
+    """One DSO experiment. Every field has help text; ``configs/dso_toy.yaml`` is the default recipe."""
+
+    generator: str = field(default="data/toy_voxels", metadata=_h("toy voxel checkpoint folder"))
+    output_dir: str = field(default="runs/dso_toy", metadata=_h("reports, scores, plots and adapters"))
+    seed: int = field(default=0, metadata=_h("seed of sampling seeds, pair subsampling and training noise"))
+    rounds: int = field(default=3, metadata=_h("self-improvement rounds R"))
+    samples_per_class: int = field(default=32, metadata=_h("training samples per class and round"))
+    group_size: int = field(default=8, metadata=_h("consecutive seeds of one class form a group; pairs stay inside"))
+    max_pairs_per_group: int = field(default=16, metadata=_h("cap on (stable, unstable) pairs per group"))
+    drop_uniform: bool = field(default=True, metadata=_h("pointwise losses: skip groups whose samples all agree"))
+    eval_per_class: int = field(default=24, metadata=_h("held-out samples per class (fixed seeds)"))
+    steps_per_round: int = field(default=60, metadata=_h("optimizer steps per round"))
+    batch_size: int = field(default=8, metadata=_h("pairs (or samples) per step"))
+    lora_rank: int = field(default=8, metadata=_h("LoRA rank; 0 = full fine-tune with a frozen copy as reference"))
+    lora_alpha: float = field(default=8.0, metadata=_h("LoRA alpha"))
+    dro_anchored: bool = field(default=False, metadata=_h("loss.type=dso_dro: the bounded reference-anchored variant"))
+    min_fidelity: float = field(default=0.0, metadata=_h(
+        "a stable sample counts as good (winner / desirable) only if its fidelity (IoU with the nearest same-class "
+        "training object) is at least this; 0 = DSO's pure stability reward"))
+    aux_weight: float = field(default=0.0, metadata=_h("weight of the denoising (SFT) regulariser; 0 = off"))
+    aux_source: str = field(default="data", metadata=_h("regulariser latents: 'data' (fresh training objects) or "
+                                                           "'winners' (this round's stable samples)"))
+    sample_steps: int = field(default=25, metadata=_h("sampler steps (DDIM or Euler)"))
+    threads: int = field(default=1, metadata=_h("torch CPU threads"))
+    grid_samples: int = field(default=4, metadata=_h("objects per class in the before/after render"))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=5))
+    loss: LossConfig = field(default_factory=lambda: LossConfig(type="sigmoid", beta=500.0))
+    sim: SimSettings = field(default_factory=SimSettings)
+
+    def __post_init__(self) -> None:
+        if min(self.rounds, self.samples_per_class, self.group_size, self.eval_per_class, self.steps_per_round,
+               self.batch_size, self.max_pairs_per_group) < 1:
+            raise ValueError("rounds, samples_per_class, group_size, eval_per_class, steps_per_round, batch_size "
+                             "and max_pairs_per_group must be >= 1")
+        if self.aux_source not in ("data", "winners"):
+            raise ValueError(f"aux_source must be 'data' or 'winners', got {self.aux_source!r}")
+        if self.aux_weight < 0 or not 0.0 <= self.min_fidelity <= 1.0:
+            raise ValueError("aux_weight must be >= 0 and min_fidelity in [0, 1]")
+
+
+# ------------------------------------------------------------------------------------------------
+# datasets
+
+
+def reward_labels(cfg: DSOConfig, scored: Any) -> np.ndarray:
+    """Good samples: stable (invalid counts as unstable) and, if ``min_fidelity > 0``, faithful to their class.
+
+    Pure stability rewards the cheat the base model already offers (a table whose legs vanished lies
+    flat as a slab and never tips); gating on fidelity turns those samples into losers.
+    """
+    labels = scored.stable.copy()
+    if cfg.min_fidelity > 0:
+        if not scored.records or "fidelity" not in scored.records[0]:
+            raise ValueError("min_fidelity > 0 needs fidelity measurements (a generator with occupancy() and a bank)")
+        labels &= np.array([r["fidelity"] >= cfg.min_fidelity for r in scored.records])
+    for rec, label in zip(scored.records, labels):
+        rec["label"] = bool(label)
+    return labels
+
+
+def build_items(cfg: DSOConfig, scored: Any, round_index: int, pointwise: bool) -> tuple[list[dict[str, Any]], dict]:
+    """Training items of one round (pairs or labelled samples), plus counts for the report."""
+    from diffdpo.dso.data import build_pairs, pointwise_indices
+
+    conds = [r["condition"] for r in scored.records]
+    groups = [r["group"] for r in scored.records]
+    labels = reward_labels(cfg, scored)
+    lat = scored.latents
+    if pointwise:
+        idx = pointwise_indices(conds, groups, labels, drop_uniform=cfg.drop_uniform)
+        items = [{"latents": lat[i][None], "cond": conds[i], "label": bool(labels[i])} for i in idx]
+        counts = {"samples": len(idx), "stable": int(labels[idx].sum()) if idx else 0}
+    else:
+        pairs = build_pairs(conds, groups, labels, max_pairs_per_group=cfg.max_pairs_per_group,
+                            seed=cfg.seed * 1000 + round_index)
+        items = [{"latents": torch.stack([lat[w], lat[lo]]), "cond": conds[w]} for w, lo in pairs]
+        counts = {"pairs": len(pairs)}
+    n_groups = len(set(zip(conds, groups)))
+    mixed = {(c, g) for c, g, lab in zip(conds, groups, labels) if lab} & {
+        (c, g) for c, g, lab in zip(conds, groups, labels) if not lab}
+    counts.update(groups=n_groups, mixed_groups=len(mixed))
+    return items, counts
+
+
+def attach_aux(cfg: DSOConfig, generator: Any, items: list[dict[str, Any]], scored: Any, round_index: int) -> None:
+    """Give every item one regularisation latent of the same condition (see :mod:`diffdpo.dso.task`).
+
+    ``aux_source="data"`` needs ``generator.training_latents(conditions, seed)`` (fresh objects of the
+    training distribution: the toy world draws new procedural objects; a large model would read its
+    training set); ``"winners"`` reuses this round's stable samples.
+    """
+    if cfg.aux_weight <= 0 or not items:
+        return
+    conds = [it["cond"] for it in items]
+    if cfg.aux_source == "data":
+        if not hasattr(generator, "training_latents"):
+            raise ValueError(f"aux_source='data' needs {type(generator).__name__}.training_latents(conditions, seed); "
+                             "use aux_source=winners")
+        latents = generator.training_latents(conds, cfg.seed * 1000 + round_index)
+        for it, lat in zip(items, latents):
+            it["aux"], it["aux_cond"] = lat, it["cond"]
+        return
+    stable = [i for i, r in enumerate(scored.records) if r.get("label", scored.stable[i])]
+    if not stable:
+        raise ValueError(f"round {round_index}: aux_source='winners' but no sample was stable; use aux_source=data")
+    for k, it in enumerate(items):
+        members = [i for i in stable if scored.records[i]["condition"] == it["cond"]] or stable
+        j = members[k % len(members)]
+        it["aux"], it["aux_cond"] = scored.latents[j], scored.records[j]["condition"]
+
+
+# ------------------------------------------------------------------------------------------------
+# outputs
+
+
+def score_rows(round_index: int, split: str, scored: Any) -> list[dict[str, Any]]:
+    return [{"round": round_index, "split": split, **r} for r in scored.records]
+
+
+def depth_render(occ: np.ndarray) -> np.ndarray:
+    """Front view (looking along +y) of a ``[z, y, x]`` grid: brightness = nearness, NaN = empty."""
+    hit = occ.any(axis=1)  # (z, x)
+    first = np.argmax(occ, axis=1).astype(np.float32)  # first occupied y
+    img = 1.0 - 0.6 * first / occ.shape[1]
+    img[~hit] = np.nan
+    return img[::-1]  # z up
+
+
+def _view_grid(scored: Any, i: int, resolution: int = 24) -> np.ndarray | None:
+    """The ``[z, y, x]`` occupancy of sample ``i``: the generator's own, else the voxelised mesh."""
+    if scored.occupancy is not None:
+        return scored.occupancy[i]
+    mesh = scored.meshes[i] if i < len(scored.meshes) else None
+    if mesh is None or not hasattr(mesh, "voxelized"):
+        return None
+    grid = mesh.voxelized(float(np.ptp(mesh.bounds, axis=0).max()) / resolution).fill().matrix  # [x, y, z]
+    return np.asarray(grid, dtype=bool).transpose(2, 1, 0)
+
+
+def render_grid(path: Path, before: Any, after: Any, names: list[str], per_class: int, title: str) -> None:
+    """Rows = classes; left block base samples, right block this round's, same seeds. Green = stable."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_cls = len(names)
+    fig, axes = plt.subplots(n_cls, 2 * per_class, figsize=(1.2 * 2 * per_class, 1.3 * n_cls), squeeze=False)
+    for block, scored in enumerate((before, after)):
+        conds = np.array([r["condition"] for r in scored.records])
+        for c in range(n_cls):
+            idx = np.nonzero(conds == c)[0][:per_class]
+            for j in range(per_class):
+                ax = axes[c, block * per_class + j]
+                ax.set_xticks([]), ax.set_yticks([])
+                if j >= len(idx):
+                    continue
+                i = idx[j]
+                grid = _view_grid(scored, i)
+                if grid is not None:
+                    ax.imshow(depth_render(grid), cmap="viridis", vmin=0, vmax=1)
+                color = "tab:green" if scored.stable[i] else "tab:red"
+                for spine in ax.spines.values():
+                    spine.set_color(color), spine.set_linewidth(2.5)
+                if j == 0:
+                    ax.set_ylabel(names[c], fontsize=8)
+    axes[0, 0].set_title("base", fontsize=8, loc="left")
+    axes[0, per_class].set_title("after", fontsize=8, loc="left")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_rounds(path: Path, summaries: list[dict[str, Any]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = list(range(len(summaries)))
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+    axes[0].plot(rounds, [s["stable_rate"] for s in summaries], "o-", label="stable rate")
+    axes[0].plot(rounds, [s["min_class_stable_rate"] for s in summaries], "s--", label="worst class")
+    axes[0].set_ylim(0, 1.02), axes[0].legend(fontsize=7), axes[0].set_title("stable rate")
+    axes[1].plot(rounds, [s["mean_angle_deg"] for s in summaries], "o-", color="tab:red")
+    axes[1].set_title("mean rotation (deg)")
+    if "fidelity" in summaries[0]:
+        for key in ("fidelity", "recognisability", "diversity", "volume_ratio"):
+            axes[2].plot(rounds, [s[key] for s in summaries], "o-", label=key)
+        axes[2].legend(fontsize=7), axes[2].set_title("fidelity / size")
+    for ax in axes:
+        ax.set_xlabel("round"), ax.set_xticks(rounds)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def format_table(summaries: list[dict[str, Any]]) -> str:
+    head = f"{'round':>5} {'stable':>7} {'worst':>6} {'angle':>6} {'fidel':>6} {'recog':>6} {'divers':>6} {'size':>5}"
+    lines = [head]
+    for r, s in enumerate(summaries):
+        lines.append(f"{r:>5} {s['stable_rate']:>7.3f} {s['min_class_stable_rate']:>6.2f} {s['mean_angle_deg']:>6.1f} "
+                     f"{s.get('fidelity', float('nan')):>6.3f} {s.get('recognisability', float('nan')):>6.2f} "
+                     f"{s.get('diversity', float('nan')):>6.3f} {s.get('volume_ratio', float('nan')):>5.2f}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _train_config(cfg: DSOConfig, out_dir: Path, round_index: int, n_items: int) -> Any:
+    from diffdpo.train import TrainConfig
+
+    return TrainConfig(output_dir=str(out_dir), seed=cfg.seed * 1000 + round_index, max_steps=cfg.steps_per_round,
+                       per_device_batch_size=min(cfg.batch_size, n_items), tensorboard=False, progress_bar=False,
+                       checkpoint_every=0, log_every=10, optim=cfg.optim, loss=cfg.loss)
+
+
+def run_dso(cfg: DSOConfig, generator: Any = None, bank: Any = None) -> dict[str, Any]:
+    """Run the loop; returns the report (also written to ``output_dir/report.json``)."""
+    import sim
+    from diffdpo.dso.evaluate import evaluate_generator, reference_bank, score_samples
+    from diffdpo.dso.task import DSOTask, prepare_network
+    from diffdpo.losses import POINTWISE_LOSS_TYPES
+    from diffdpo.train import train
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)  # LoRA init
+    t_start = time.time()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if generator is None:
+        from diffdpo.toy.voxel_model import VoxelGenerator
+
+        generator = VoxelGenerator.load(cfg.generator, sample_steps=cfg.sample_steps)
+    if bank is None and hasattr(generator, "occupancy"):
+        bank = reference_bank()
+    sim_cfg = sim.StabilityConfig(duration_s=cfg.sim.duration_s, angle_threshold_deg=cfg.sim.angle_threshold_deg)
+    pointwise = cfg.loss.type in POINTWISE_LOSS_TYPES
+    loss_kwargs = {"anchored": True} if cfg.loss.type == "dso_dro" and cfg.dro_anchored else {}
+    names = [str(n) for n in generator.condition_names]
+
+    def evaluate() -> Any:
+        return evaluate_generator(generator, bank, cfg.eval_per_class, sim_config=sim_cfg, workers=cfg.sim.workers)
+
+    frozen = None
+    if cfg.lora_rank <= 0:
+        import copy
+
+        frozen = copy.deepcopy(generator.network).requires_grad_(False).eval()
+    trainable = prepare_network(generator, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+    base = evaluate()
+    summaries, rounds_info = [base.summary], [{"round": 0, "seconds": round(time.time() - t_start, 1)}]
+    print(f"[dso] base: stable {base.summary['stable_rate']:.3f}, fidelity {base.summary.get('fidelity', float('nan')):.3f}")
+    for r in range(1, cfg.rounds + 1):
+        t0 = time.time()
+        rdir = out / f"round_{r:02d}"
+        rdir.mkdir(parents=True, exist_ok=True)
+        n = cfg.samples_per_class
+        conds = [c for c in range(len(names)) for _ in range(n)]
+        seeds = [cfg.seed * 1_000_000_000 + r * 1_000_000 + c * 10_000 + i for c in range(len(names)) for i in range(n)]
+        groups = [i // cfg.group_size for c in range(len(names)) for i in range(n)]
+        scored = score_samples(generator, conds, seeds, groups=groups, sim_config=sim_cfg, workers=cfg.sim.workers,
+                               bank=bank)
+        items, counts = build_items(cfg, scored, r, pointwise)
+        attach_aux(cfg, generator, items, scored, r)
+        train_s = 0.0
+        history: list[dict[str, float]] = []
+        if items:
+            task = DSOTask(generator, items, pointwise=pointwise, trainable=trainable, seed=cfg.seed * 1000 + r,
+                           aux_weight=cfg.aux_weight, loss_kwargs=loss_kwargs, frozen_reference=frozen)
+            t_train = time.time()
+            history = train(_train_config(cfg, rdir / "train", r, len(items)), task).history
+            train_s = time.time() - t_train
+        ev = evaluate()
+        summaries.append(ev.summary)
+        rows = score_rows(r, "train", scored) + score_rows(r, "eval", ev)
+        import pandas as pd
+
+        pd.DataFrame(rows).to_parquet(rdir / "scores.parquet", index=False)
+        info = {"round": r, "train_samples": scored.summary, "dataset": counts, "eval": ev.summary,
+                "train_seconds": round(train_s, 1), "seconds": round(time.time() - t0, 1),
+                "last_step": history[-1] if history else None}
+        rounds_info.append(info)
+        (rdir / "report.json").write_text(json.dumps(info, indent=2))
+        render_grid(out / f"grid_round_{r:02d}.png", base, ev, names, cfg.grid_samples,
+                    f"{cfg.loss.type} round {r}: base vs after (green = stable)")
+        print(f"[dso] round {r}: {counts}, train-set stable {scored.summary['stable_rate']:.3f}, eval stable "
+              f"{ev.summary['stable_rate']:.3f}, fidelity {ev.summary.get('fidelity', float('nan')):.3f} "
+              f"({time.time() - t0:.0f}s)")
+    title = f"DSO {cfg.loss.type}{' anchored' if cfg.dro_anchored and cfg.loss.type == 'dso_dro' else ''}"
+    plot_rounds(out / "stability.png", summaries, title)
+    report = {"config": asdict(cfg), "summaries": summaries, "rounds": rounds_info,
+              "total_seconds": round(time.time() - t_start, 1), "table": format_table(summaries)}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(report["table"])
+    return report
+
+
+def main(config_path: str | None, overrides: list[str]) -> int:
+    from diffdpo.config import load_config
+
+    run_dso(load_config(DSOConfig, config_path, overrides))
+    return 0
