@@ -53,15 +53,19 @@ def _register_losses(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    print("diffdpo demo: the direct-alignment loss library on a seeded batch (CPU, no downloads)\n")
-    return _run_losses(args)
+    from diffdpo.config import load_config
+    from diffdpo.toy.demo import DemoConfig, run_demo
+
+    run_demo(load_config(DemoConfig, args.config, args.overrides))
+    return 0
 
 
 def _register_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="run the embedded CPU demo (no downloads, no GPU)",
-        description="Run the main job on the embedded CPU default. Currently: the loss-library table.",
+        help="Diffusion-DPO end to end on the embedded shapes world (CPU, no downloads)",
+        description="Load the shipped tiny text-to-image base, sample and judge preference pairs (Pick-a-Pic "
+        "schema), train Diffusion-DPO with LoRA, and report the win rate against the base with a 95%% CI.",
     )
     _add_config_args(p)
     p.set_defaults(func=_run_demo)
