@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ class DemoConfig:
     out_dir: str = field(default="outputs/demo", metadata=_h("where pairs, weights, report and plots go"))
     seed: int = field(default=0, metadata=_h("seed of the caption split and of every sample"))
     heldout_captions: int = field(default=12, metadata=_h("captions (of 60) never used in pairs"))
-    pairs_per_caption: int = field(default=16, metadata=_h("pairs sampled per training caption"))
+    pairs_per_caption: int = field(default=40, metadata=_h("pairs sampled per training caption"))
     eval_comparisons: int = field(default=200, metadata=_h("same-seed comparisons over all captions"))
     eval_heldout_comparisons: int = field(default=96, metadata=_h("same-seed comparisons on held-out captions"))
     sample_steps: int = field(default=15, metadata=_h("DDIM steps per sample"))
@@ -103,8 +104,10 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     train_cfg = load_config(
         TrainConfig, cfg.train_config,
         [f"diffusion.model.pretrained={cfg.base}", f"diffusion.data.source={pairs.path}",
-         f"output_dir={out / 'train'}", f"seed={cfg.seed}", *cfg.train_overrides],
+         f"output_dir={out / 'train'}", f"diffusion.data.cache_dir={out / 'cache'}", f"seed={cfg.seed}",
+         *cfg.train_overrides],
     )
+    shutil.rmtree(out / "cache", ignore_errors=True)  # the pairs were just re-sampled: encode them afresh
     t_train = time.time()
     result = train(train_cfg)
     train_s = time.time() - t_train
