@@ -19,13 +19,6 @@ def _voxel(objective="sample"):
     return VoxelGenerator(build_unet(0, (8, 16)), objective, sample_steps=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize("make", [_voxel, BoxGenerator], ids=["voxels", "boxes"])
 def test_generators_fit_the_protocol_sample_by_seed_and_decode_to_scoreable_meshes(make):

@@ -16,13 +16,6 @@ from tests.dso.box_generator import BoxGenerator
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "toy_voxels"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _small_cfg(tmp_path: Path, **kw) -> DSOConfig:
     settings = dict(output_dir=str(tmp_path), rounds=1, samples_per_class=8, group_size=4, eval_per_class=4,
