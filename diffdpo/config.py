@@ -17,6 +17,11 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def help_meta(text: str) -> dict[str, str]:
+    """Field metadata carrying a help text: ``field(default=..., metadata=help_meta("..."))``."""
+    return {"help": text}
+
+
 class ConfigError(ValueError):
     """A config file or override that does not fit the config dataclass."""
 

@@ -30,13 +30,9 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
+from diffdpo.config import help_meta
 from diffdpo.diffusion.config import DiffusionConfig
 from diffdpo.lm.config import LMConfig
-
-
-def _h(text: str) -> dict[str, str]:
-    return {"help": text}
-
 
 # ------------------------------------------------------------------------------------------------
 # config
@@ -45,19 +41,19 @@ def _h(text: str) -> dict[str, str]:
 @dataclass
 class OptimConfig:
     name: Literal["adamw", "adafactor", "adamw8bit"] = field(
-        default="adamw", metadata=_h("adamw | adafactor (no relative step, no parameter scaling) | adamw8bit (bitsandbytes)")
+        default="adamw", metadata=help_meta("adamw | adafactor (no relative step, no parameter scaling) | adamw8bit (bitsandbytes)")
     )
-    lr: float = field(default=1e-5, metadata=_h("learning rate (per sample if scale_lr)"))
-    scale_lr: bool = field(default=False, metadata=_h("multiply lr by the effective batch size (official: 1e-8 x 2048)"))
-    weight_decay: float = field(default=1e-2, metadata=_h("decoupled weight decay"))
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_h("Adam betas"))
-    eps: float = field(default=1e-8, metadata=_h("Adam epsilon"))
-    max_grad_norm: float = field(default=1.0, metadata=_h("clip the gradient norm to this; 0 = no clipping"))
+    lr: float = field(default=1e-5, metadata=help_meta("learning rate (per sample if scale_lr)"))
+    scale_lr: bool = field(default=False, metadata=help_meta("multiply lr by the effective batch size (official: 1e-8 x 2048)"))
+    weight_decay: float = field(default=1e-2, metadata=help_meta("decoupled weight decay"))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=help_meta("Adam betas"))
+    eps: float = field(default=1e-8, metadata=help_meta("Adam epsilon"))
+    max_grad_norm: float = field(default=1.0, metadata=help_meta("clip the gradient norm to this; 0 = no clipping"))
     lr_scheduler: str = field(
         default="constant_with_warmup",
-        metadata=_h("diffusers.optimization.get_scheduler name: constant, constant_with_warmup, linear, cosine, ..."),
+        metadata=help_meta("diffusers.optimization.get_scheduler name: constant, constant_with_warmup, linear, cosine, ..."),
     )
-    warmup_steps: int = field(default=0, metadata=_h("warmup optimizer steps"))
+    warmup_steps: int = field(default=0, metadata=help_meta("warmup optimizer steps"))
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
@@ -68,11 +64,11 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    type: str = field(default="sigmoid", metadata=_h("a preference loss (sigmoid, ipo, ...) or pointwise (kto, dro, ...)"))
-    beta: float = field(default=5000.0, metadata=_h("beta of diffdpo.losses; the Diffusion-DPO beta (5000) as is"))
-    label_smoothing: float = field(default=0.0, metadata=_h("label smoothing / flip rate (cdpo, robust, ...)"))
-    f_divergence: str = field(default="reverse_kl", metadata=_h("f-DPO divergence"))
-    f_alpha: float = field(default=0.5, metadata=_h("alpha of the alpha-divergence"))
+    type: str = field(default="sigmoid", metadata=help_meta("a preference loss (sigmoid, ipo, ...) or pointwise (kto, dro, ...)"))
+    beta: float = field(default=5000.0, metadata=help_meta("beta of diffdpo.losses; the Diffusion-DPO beta (5000) as is"))
+    label_smoothing: float = field(default=0.0, metadata=help_meta("label smoothing / flip rate (cdpo, robust, ...)"))
+    f_divergence: str = field(default="reverse_kl", metadata=help_meta("f-DPO divergence"))
+    f_alpha: float = field(default=0.5, metadata=help_meta("alpha of the alpha-divergence"))
 
     def __post_init__(self) -> None:
         from diffdpo.losses import POINTWISE_LOSS_TYPES, PREFERENCE_LOSS_TYPES
@@ -87,30 +83,30 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    task: Literal["diffusion", "lm"] = field(default="diffusion", metadata=_h("which modality supplies the log-likelihoods"))
-    output_dir: str = field(default="runs/diffusion_dpo", metadata=_h("logs, checkpoints and final weights go here"))
-    seed: int = field(default=0, metadata=_h("seed of data order, noise, timesteps and prompt dropout"))
-    max_steps: int = field(default=2000, metadata=_h("optimizer steps"))
-    per_device_batch_size: int = field(default=1, metadata=_h("pairs per device per micro-batch"))
-    gradient_accumulation_steps: int = field(default=1, metadata=_h("micro-batches per optimizer step"))
+    task: Literal["diffusion", "lm"] = field(default="diffusion", metadata=help_meta("which modality supplies the log-likelihoods"))
+    output_dir: str = field(default="runs/diffusion_dpo", metadata=help_meta("logs, checkpoints and final weights go here"))
+    seed: int = field(default=0, metadata=help_meta("seed of data order, noise, timesteps and prompt dropout"))
+    max_steps: int = field(default=2000, metadata=help_meta("optimizer steps"))
+    per_device_batch_size: int = field(default=1, metadata=help_meta("pairs per device per micro-batch"))
+    gradient_accumulation_steps: int = field(default=1, metadata=help_meta("micro-batches per optimizer step"))
     effective_batch_size: int = field(
-        default=0, metadata=_h("if > 0: derive gradient_accumulation_steps = this / (per_device x processes)")
+        default=0, metadata=help_meta("if > 0: derive gradient_accumulation_steps = this / (per_device x processes)")
     )
-    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata=_h("accelerate mixed precision"))
-    gradient_checkpointing: bool = field(default=False, metadata=_h("trade compute for activation memory"))
-    dataloader_workers: int = field(default=0, metadata=_h("DataLoader worker processes"))
-    log_every: int = field(default=1, metadata=_h("log metrics every N steps"))
-    tensorboard: bool = field(default=True, metadata=_h("also log to TensorBoard in output_dir/tensorboard"))
-    progress_bar: bool = field(default=True, metadata=_h("tqdm progress bar on the main process"))
-    checkpoint_every: int = field(default=500, metadata=_h("save a resumable checkpoint every N steps; 0 = never"))
-    checkpoints_total_limit: int = field(default=3, metadata=_h("keep only the newest N checkpoints; 0 = all"))
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata=help_meta("accelerate mixed precision"))
+    gradient_checkpointing: bool = field(default=False, metadata=help_meta("trade compute for activation memory"))
+    dataloader_workers: int = field(default=0, metadata=help_meta("DataLoader worker processes"))
+    log_every: int = field(default=1, metadata=help_meta("log metrics every N steps"))
+    tensorboard: bool = field(default=True, metadata=help_meta("also log to TensorBoard in output_dir/tensorboard"))
+    progress_bar: bool = field(default=True, metadata=help_meta("tqdm progress bar on the main process"))
+    checkpoint_every: int = field(default=500, metadata=help_meta("save a resumable checkpoint every N steps; 0 = never"))
+    checkpoints_total_limit: int = field(default=3, metadata=help_meta("keep only the newest N checkpoints; 0 = all"))
     checkpoint_weights: bool = field(
         default=True,
-        metadata=_h("also export usable weights into each checkpoint (LoRA: small; a full UNet doubles its size)"),
+        metadata=help_meta("also export usable weights into each checkpoint (LoRA: small; a full UNet doubles its size)"),
     )
-    resume_from: str | None = field(default=None, metadata=_h("checkpoint folder, or 'latest' in output_dir"))
+    resume_from: str | None = field(default=None, metadata=help_meta("checkpoint folder, or 'latest' in output_dir"))
     max_consecutive_nonfinite: int = field(
-        default=5, metadata=_h("stop after this many optimizer steps in a row with a non-finite loss")
+        default=5, metadata=help_meta("stop after this many optimizer steps in a row with a non-finite loss")
     )
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -5,31 +5,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-
-def _h(text: str) -> dict[str, str]:
-    return {"help": text}
+from diffdpo.config import help_meta
 
 
 @dataclass
 class DiffusionModelConfig:
     pretrained: str = field(
         default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        metadata=_h("hub id or local folder of a diffusers SD1.5/SDXL pipeline (unet, vae, text encoders, ...)"),
+        metadata=help_meta("hub id or local folder of a diffusers SD1.5/SDXL pipeline (unet, vae, text encoders, ...)"),
     )
-    kind: Literal["sd15", "sdxl"] = field(default="sd15", metadata=_h("model family: conditioning layout"))
-    revision: str | None = field(default=None, metadata=_h("hub revision"))
-    variant: str | None = field(default=None, metadata=_h("weight variant, e.g. fp16"))
+    kind: Literal["sd15", "sdxl"] = field(default="sd15", metadata=help_meta("model family: conditioning layout"))
+    revision: str | None = field(default=None, metadata=help_meta("hub revision"))
+    variant: str | None = field(default=None, metadata=help_meta("weight variant, e.g. fp16"))
     vae: str | None = field(
-        default=None, metadata=_h("replacement VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
+        default=None, metadata=help_meta("replacement VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
     )
     vae_dtype: str = field(
         default="float32",
-        metadata=_h("VAE dtype: float32 (default; the SDXL VAE overflows to NaN in fp16), or 'auto' = mixed precision"),
+        metadata=help_meta("VAE dtype: float32 (default; the SDXL VAE overflows to NaN in fp16), or 'auto' = mixed precision"),
     )
-    text_encoder_dtype: str = field(default="auto", metadata=_h("text encoder dtype; 'auto' = mixed precision"))
+    text_encoder_dtype: str = field(default="auto", metadata=help_meta("text encoder dtype; 'auto' = mixed precision"))
     prediction_type: str | None = field(
         default=None,
-        metadata=_h("epsilon | v_prediction | sample | flow; None = the scheduler's config"),
+        metadata=help_meta("epsilon | v_prediction | sample | flow; None = the scheduler's config"),
     )
 
     def __post_init__(self) -> None:
@@ -39,15 +37,15 @@ class DiffusionModelConfig:
 
 @dataclass
 class LoraSection:
-    enabled: bool = field(default=False, metadata=_h("train LoRA adapters (reference = adapters disabled)"))
-    rank: int = field(default=8, metadata=_h("LoRA rank r"))
-    alpha: float | None = field(default=None, metadata=_h("LoRA alpha; None = rank (scale 1)"))
-    dropout: float = field(default=0.0, metadata=_h("LoRA dropout"))
+    enabled: bool = field(default=False, metadata=help_meta("train LoRA adapters (reference = adapters disabled)"))
+    rank: int = field(default=8, metadata=help_meta("LoRA rank r"))
+    alpha: float | None = field(default=None, metadata=help_meta("LoRA alpha; None = rank (scale 1)"))
+    dropout: float = field(default=0.0, metadata=help_meta("LoRA dropout"))
     target_modules: list[str] = field(
-        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"], metadata=_h("UNet modules to adapt")
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"], metadata=help_meta("UNet modules to adapt")
     )
     offload_reference: bool = field(
-        default=False, metadata=_h("full fine-tune only: keep the frozen reference UNet on CPU (streamed per layer)")
+        default=False, metadata=help_meta("full fine-tune only: keep the frozen reference UNet on CPU (streamed per layer)")
     )
 
     def __post_init__(self) -> None:
@@ -58,13 +56,13 @@ class LoraSection:
 @dataclass
 class NoiseSection:
     share_noise: bool = field(
-        default=True, metadata=_h("winner and loser share t and noise (official Diffusion-DPO); false decouples")
+        default=True, metadata=help_meta("winner and loser share t and noise (official Diffusion-DPO); false decouples")
     )
-    weighting: Literal["uniform", "min_snr"] = field(default="uniform", metadata=_h("per-timestep weight"))
-    snr_gamma: float = field(default=5.0, metadata=_h("gamma of Min-SNR-gamma weighting"))
-    logit_mean: float = field(default=0.0, metadata=_h("flow matching: logit-normal t mean (DSO: 1.0)"))
-    logit_std: float = field(default=1.0, metadata=_h("flow matching: logit-normal t std (DSO: 1.0)"))
-    timestep_scale: float = field(default=1000.0, metadata=_h("flow matching: the network sees t * scale"))
+    weighting: Literal["uniform", "min_snr"] = field(default="uniform", metadata=help_meta("per-timestep weight"))
+    snr_gamma: float = field(default=5.0, metadata=help_meta("gamma of Min-SNR-gamma weighting"))
+    logit_mean: float = field(default=0.0, metadata=help_meta("flow matching: logit-normal t mean (DSO: 1.0)"))
+    logit_std: float = field(default=1.0, metadata=help_meta("flow matching: logit-normal t std (DSO: 1.0)"))
+    timestep_scale: float = field(default=1000.0, metadata=help_meta("flow matching: the network sees t * scale"))
 
     def __post_init__(self) -> None:
         if self.snr_gamma <= 0 or self.logit_std <= 0:
@@ -75,22 +73,22 @@ class NoiseSection:
 class PickAPicSection:
     source: str = field(
         default="data/pickapic_v2/train",
-        metadata=_h("Pick-a-Pic v2 parquet file or folder of shards (caption, jpg_0, jpg_1, label_0, label_1, ...)"),
+        metadata=help_meta("Pick-a-Pic v2 parquet file or folder of shards (caption, jpg_0, jpg_1, label_0, label_1, ...)"),
     )
-    resolution: int = field(default=512, metadata=_h("square training resolution in pixels"))
-    random_crop: bool = field(default=False, metadata=_h("random crop (else center crop), same for both images"))
-    random_flip: bool = field(default=True, metadata=_h("horizontal flip with p=0.5, same for both images"))
-    drop_ties: bool = field(default=True, metadata=_h("drop pairs labelled 0.5/0.5"))
-    model_filter: list[str] | None = field(default=None, metadata=_h("keep pairs whose model_0/model_1 are in this list"))
-    max_rows: int | None = field(default=None, metadata=_h("read at most this many rows"))
-    validate_images: bool = field(default=False, metadata=_h("decode every image once at start-up"))
-    prompt_dropout: float = field(default=0.0, metadata=_h("probability of replacing a caption by '' (official SD1.5: 0.2)"))
+    resolution: int = field(default=512, metadata=help_meta("square training resolution in pixels"))
+    random_crop: bool = field(default=False, metadata=help_meta("random crop (else center crop), same for both images"))
+    random_flip: bool = field(default=True, metadata=help_meta("horizontal flip with p=0.5, same for both images"))
+    drop_ties: bool = field(default=True, metadata=help_meta("drop pairs labelled 0.5/0.5"))
+    model_filter: list[str] | None = field(default=None, metadata=help_meta("keep pairs whose model_0/model_1 are in this list"))
+    max_rows: int | None = field(default=None, metadata=help_meta("read at most this many rows"))
+    validate_images: bool = field(default=False, metadata=help_meta("decode every image once at start-up"))
+    prompt_dropout: float = field(default=0.0, metadata=help_meta("probability of replacing a caption by '' (official SD1.5: 0.2)"))
     cache_dir: str | None = field(
-        default=None, metadata=_h("encode latents + text embeddings once into this folder and train from it")
+        default=None, metadata=help_meta("encode latents + text embeddings once into this folder and train from it")
     )
-    cache_batch_size: int = field(default=16, metadata=_h("batch size while building the cache"))
+    cache_batch_size: int = field(default=16, metadata=help_meta("batch size while building the cache"))
     latent_mode: Literal["mode", "sample"] = field(
-        default="mode", metadata=_h("VAE posterior mean (deterministic, cacheable) or a sample (official script)")
+        default="mode", metadata=help_meta("VAE posterior mean (deterministic, cacheable) or a sample (official script)")
     )
 
     def __post_init__(self) -> None:

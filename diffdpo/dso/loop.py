@@ -27,47 +27,44 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffdpo.config import help_meta
 from diffdpo.train import LossConfig, OptimConfig
-
-
-def _h(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass
 class SimSettings:
-    duration_s: float = field(default=2.0, metadata=_h("simulated seconds (pybullet, 240 Hz)"))
-    angle_threshold_deg: float = field(default=20.0, metadata=_h("stable iff rotation below this (DSO: 20)"))
-    workers: int = field(default=0, metadata=_h("sim worker processes; 0 = in this process (trusted toy meshes)"))
+    duration_s: float = field(default=2.0, metadata=help_meta("simulated seconds (pybullet, 240 Hz)"))
+    angle_threshold_deg: float = field(default=20.0, metadata=help_meta("stable iff rotation below this (DSO: 20)"))
+    workers: int = field(default=0, metadata=help_meta("sim worker processes; 0 = in this process (trusted toy meshes)"))
 
 
 @dataclass
 class DSOConfig:
     """One DSO experiment. Every field has help text; ``configs/dso_toy.yaml`` is the default recipe."""
 
-    generator: str = field(default="data/toy_voxels", metadata=_h("toy voxel checkpoint folder"))
-    output_dir: str = field(default="runs/dso_toy", metadata=_h("reports, scores, plots and adapters"))
-    seed: int = field(default=0, metadata=_h("seed of sampling seeds, pair subsampling and training noise"))
-    rounds: int = field(default=3, metadata=_h("self-improvement rounds R"))
-    samples_per_class: int = field(default=32, metadata=_h("training samples per class and round"))
-    group_size: int = field(default=8, metadata=_h("consecutive seeds of one class form a group; pairs stay inside"))
-    max_pairs_per_group: int = field(default=16, metadata=_h("cap on (stable, unstable) pairs per group"))
-    drop_uniform: bool = field(default=True, metadata=_h("pointwise losses: skip groups whose samples all agree"))
-    eval_per_class: int = field(default=24, metadata=_h("held-out samples per class (fixed seeds)"))
-    steps_per_round: int = field(default=60, metadata=_h("optimizer steps per round"))
-    batch_size: int = field(default=8, metadata=_h("pairs (or samples) per step"))
-    lora_rank: int = field(default=8, metadata=_h("LoRA rank; 0 = full fine-tune with a frozen copy as reference"))
-    lora_alpha: float = field(default=8.0, metadata=_h("LoRA alpha"))
-    dro_anchored: bool = field(default=False, metadata=_h("loss.type=dso_dro: the bounded reference-anchored variant"))
-    min_fidelity: float = field(default=0.0, metadata=_h(
+    generator: str = field(default="data/toy_voxels", metadata=help_meta("toy voxel checkpoint folder"))
+    output_dir: str = field(default="runs/dso_toy", metadata=help_meta("reports, scores, plots and adapters"))
+    seed: int = field(default=0, metadata=help_meta("seed of sampling seeds, pair subsampling and training noise"))
+    rounds: int = field(default=3, metadata=help_meta("self-improvement rounds R"))
+    samples_per_class: int = field(default=32, metadata=help_meta("training samples per class and round"))
+    group_size: int = field(default=8, metadata=help_meta("consecutive seeds of one class form a group; pairs stay inside"))
+    max_pairs_per_group: int = field(default=16, metadata=help_meta("cap on (stable, unstable) pairs per group"))
+    drop_uniform: bool = field(default=True, metadata=help_meta("pointwise losses: skip groups whose samples all agree"))
+    eval_per_class: int = field(default=24, metadata=help_meta("held-out samples per class (fixed seeds)"))
+    steps_per_round: int = field(default=60, metadata=help_meta("optimizer steps per round"))
+    batch_size: int = field(default=8, metadata=help_meta("pairs (or samples) per step"))
+    lora_rank: int = field(default=8, metadata=help_meta("LoRA rank; 0 = full fine-tune with a frozen copy as reference"))
+    lora_alpha: float = field(default=8.0, metadata=help_meta("LoRA alpha"))
+    dro_anchored: bool = field(default=False, metadata=help_meta("loss.type=dso_dro: the bounded reference-anchored variant"))
+    min_fidelity: float = field(default=0.0, metadata=help_meta(
         "a stable sample counts as good (winner / desirable) only if its fidelity (IoU with the nearest same-class "
         "training object) is at least this; 0 = DSO's pure stability reward"))
-    aux_weight: float = field(default=0.0, metadata=_h("weight of the denoising (SFT) regulariser; 0 = off"))
-    aux_source: str = field(default="data", metadata=_h("regulariser latents: 'data' (fresh training objects) or "
+    aux_weight: float = field(default=0.0, metadata=help_meta("weight of the denoising (SFT) regulariser; 0 = off"))
+    aux_source: str = field(default="data", metadata=help_meta("regulariser latents: 'data' (fresh training objects) or "
                                                            "'winners' (this round's stable samples)"))
-    sample_steps: int = field(default=25, metadata=_h("sampler steps (DDIM or Euler)"))
-    threads: int = field(default=1, metadata=_h("torch CPU threads"))
-    grid_samples: int = field(default=4, metadata=_h("objects per class in the before/after render"))
+    sample_steps: int = field(default=25, metadata=help_meta("sampler steps (DDIM or Euler)"))
+    threads: int = field(default=1, metadata=help_meta("torch CPU threads"))
+    grid_samples: int = field(default=4, metadata=help_meta("objects per class in the before/after render"))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=5))
     loss: LossConfig = field(default_factory=lambda: LossConfig(type="sigmoid", beta=500.0))
     sim: SimSettings = field(default_factory=SimSettings)

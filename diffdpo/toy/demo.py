@@ -19,30 +19,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffdpo.config import help_meta
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-
-def _h(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass
 class DemoConfig:
-    base: str = field(default=str(REPO_ROOT / "data" / "toy_t2i"), metadata=_h("base pipeline folder"))
+    base: str = field(default=str(REPO_ROOT / "data" / "toy_t2i"), metadata=help_meta("base pipeline folder"))
     train_config: str = field(
-        default=str(REPO_ROOT / "configs" / "demo_toy_dpo.yaml"), metadata=_h("training config (TrainConfig YAML)")
+        default=str(REPO_ROOT / "configs" / "demo_toy_dpo.yaml"), metadata=help_meta("training config (TrainConfig YAML)")
     )
-    train_overrides: list[str] = field(default_factory=list, metadata=_h("key=value overrides of the training config"))
-    out_dir: str = field(default="outputs/demo", metadata=_h("where pairs, weights, report and plots go"))
-    seed: int = field(default=0, metadata=_h("seed of the caption split and of every sample"))
-    heldout_captions: int = field(default=12, metadata=_h("captions (of 60) never used in pairs"))
-    pairs_per_caption: int = field(default=40, metadata=_h("pairs sampled per training caption"))
-    eval_comparisons: int = field(default=200, metadata=_h("same-seed comparisons over all captions"))
-    eval_heldout_comparisons: int = field(default=96, metadata=_h("same-seed comparisons on held-out captions"))
-    sample_steps: int = field(default=15, metadata=_h("DDIM steps per sample"))
-    guidance_scale: float = field(default=3.0, metadata=_h("classifier-free guidance scale"))
-    tie_margin: float = field(default=0.1, metadata=_h("judge score difference at or below which a pair is a tie"))
-    threads: int = field(default=2, metadata=_h("torch CPU threads"))
+    train_overrides: list[str] = field(default_factory=list, metadata=help_meta("key=value overrides of the training config"))
+    out_dir: str = field(default="outputs/demo", metadata=help_meta("where pairs, weights, report and plots go"))
+    seed: int = field(default=0, metadata=help_meta("seed of the caption split and of every sample"))
+    heldout_captions: int = field(default=12, metadata=help_meta("captions (of 60) never used in pairs"))
+    pairs_per_caption: int = field(default=40, metadata=help_meta("pairs sampled per training caption"))
+    eval_comparisons: int = field(default=200, metadata=help_meta("same-seed comparisons over all captions"))
+    eval_heldout_comparisons: int = field(default=96, metadata=help_meta("same-seed comparisons on held-out captions"))
+    sample_steps: int = field(default=15, metadata=help_meta("DDIM steps per sample"))
+    guidance_scale: float = field(default=3.0, metadata=help_meta("classifier-free guidance scale"))
+    tie_margin: float = field(default=0.1, metadata=help_meta("judge score difference at or below which a pair is a tie"))
+    threads: int = field(default=2, metadata=help_meta("torch CPU threads"))
 
     def __post_init__(self) -> None:
         if self.pairs_per_caption < 1 or self.eval_comparisons < 1 or self.eval_heldout_comparisons < 0:
