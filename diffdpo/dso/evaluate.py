@@ -90,6 +90,7 @@ def summarize(scored: Scored, n_conditions: int) -> dict[str, Any]:
         for key, name in (("fidelity", "fidelity"), ("recognised", "recognisability"), ("volume_ratio", "volume_ratio")):
             values = np.array([r[key] for r in recs])
             out[f"{name}_per_class"] = {str(c): float(values[cond == c].mean()) for c in np.unique(cond)}
+        out["min_class_recognisability"] = min(out["recognisability_per_class"].values())
     out["min_class_stable_rate"] = min(out["stable_rate_per_class"].values()) if recs else 0.0
     return out
 

@@ -59,6 +59,9 @@ class DSOConfig:
     min_fidelity: float = field(default=0.0, metadata=help_meta(
         "a stable sample counts as good (winner / desirable) only if its fidelity (IoU with the nearest same-class "
         "training object) is at least this; 0 = DSO's pure stability reward"))
+    require_recognised: bool = field(default=False, metadata=help_meta(
+        "a stable sample counts as good only if its nearest training object is of its own class (per-class "
+        "identity: without it a whole class can drift into another, e.g. tables into slabs)"))
     aux_weight: float = field(default=0.0, metadata=help_meta("weight of the denoising (SFT) regulariser; 0 = off"))
     aux_source: str = field(default="data", metadata=help_meta("regulariser latents: 'data' (fresh training objects) or "
                                                            "'winners' (this round's stable samples)"))
@@ -88,13 +91,17 @@ def reward_labels(cfg: DSOConfig, scored: Any) -> np.ndarray:
     """Good samples: stable (invalid counts as unstable) and, if ``min_fidelity > 0``, faithful to their class.
 
     Pure stability rewards the cheat the base model already offers (a table whose legs vanished lies
-    flat as a slab and never tips); gating on fidelity turns those samples into losers.
+    flat as a slab and never tips); gating on fidelity turns those samples into losers, and
+    ``require_recognised`` also those that now look more like another class.
     """
     labels = scored.stable.copy()
-    if cfg.min_fidelity > 0:
+    if cfg.min_fidelity > 0 or cfg.require_recognised:
         if not scored.records or "fidelity" not in scored.records[0]:
-            raise ValueError("min_fidelity > 0 needs fidelity measurements (a generator with occupancy() and a bank)")
+            raise ValueError("min_fidelity > 0 and require_recognised need fidelity measurements "
+                             "(a generator with occupancy() and a bank)")
         labels &= np.array([r["fidelity"] >= cfg.min_fidelity for r in scored.records])
+    if cfg.require_recognised:
+        labels &= np.array([r["recognised"] > 0.5 for r in scored.records])
     for rec, label in zip(scored.records, labels):
         rec["label"] = bool(label)
     return labels
@@ -240,11 +247,14 @@ def plot_rounds(path: Path, summaries: list[dict[str, Any]], title: str) -> None
 
 
 def format_table(summaries: list[dict[str, Any]]) -> str:
-    head = f"{'round':>5} {'stable':>7} {'worst':>6} {'angle':>6} {'fidel':>6} {'recog':>6} {'divers':>6} {'size':>5}"
+    # st_min / rc_min: the worst class's stable rate / recognisability (a collapse of one class shows there)
+    head = (f"{'round':>5} {'stable':>7} {'st_min':>6} {'angle':>6} {'fidel':>6} {'recog':>6} {'rc_min':>6} "
+            f"{'divers':>6} {'size':>5}")
     lines = [head]
     for r, s in enumerate(summaries):
         lines.append(f"{r:>5} {s['stable_rate']:>7.3f} {s['min_class_stable_rate']:>6.2f} {s['mean_angle_deg']:>6.1f} "
                      f"{s.get('fidelity', float('nan')):>6.3f} {s.get('recognisability', float('nan')):>6.2f} "
+                     f"{s.get('min_class_recognisability', float('nan')):>6.2f} "
                      f"{s.get('diversity', float('nan')):>6.3f} {s.get('volume_ratio', float('nan')):>5.2f}")
     return "\n".join(lines)
 

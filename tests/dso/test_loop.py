@@ -119,3 +119,8 @@ def test_fidelity_gate_turns_stable_but_unrecognisable_samples_into_losers():
     assert reward_labels(DSOConfig(), scored).tolist() == [True, True, False, False]  # DSO: stability only
     assert reward_labels(DSOConfig(min_fidelity=0.25), scored).tolist() == [True, False, False, False]
     assert [r["label"] for r in records] == [True, False, False, False]
+    records[0]["recognised"] = 0.0  # stable and close to a table, but nearer to some stool: identity lost
+    for r in records[1:]:
+        r["recognised"] = 1.0
+    gated = reward_labels(DSOConfig(require_recognised=True), scored).tolist()
+    assert gated == [False, True, False, False]
