@@ -32,12 +32,20 @@ from diffdpo.toy.t2i import (
 )
 
 
+def evaluate_base(pipe, n: int) -> dict:
+    """Colour, shape and position accuracy (and the judge's aesthetic) on ``n`` samples over all captions."""
+    captions = all_captions()
+    caps = [captions[i % len(captions)] for i in range(n)]
+    images = sample_images(pipe, caps, [10_000 + i for i in range(n)], progress=True, desc="base eval")
+    return attribute_accuracy(ShapesJudge().judge(images, caps))
+
+
 def main(argv: list[str]) -> int:
     cfg = load_config(ToyT2IConfig, None, argv)
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
     t0 = time.time()
-    components = build_components(cfg.seed)
+    components = build_components(cfg.seed, cfg.coord_channels)
     std = pretrain_vae(components.vae, cfg, rng)
     print(f"vae latent std {std:.4f} -> scaling_factor {1 / std:.4f} ({time.time() - t0:.0f}s)")
     pretrain_unet(components, cfg, rng)
@@ -47,11 +55,7 @@ def main(argv: list[str]) -> int:
     out = Path(cfg.out)
     save_pipeline(pipe, out)
 
-    captions = all_captions()
-    n = cfg.eval_samples
-    caps = [captions[i % len(captions)] for i in range(n)]
-    images = sample_images(pipe, caps, [10_000 + i for i in range(n)], progress=True, desc="base eval")
-    acc = attribute_accuracy(ShapesJudge().judge(images, caps))
+    acc = evaluate_base(pipe, cfg.eval_samples)
     report = {"config": vars(cfg), "train_seconds": round(train_s, 1), "torch": torch.__version__, "base_accuracy": acc}
     (out / "base_report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report["base_accuracy"], indent=2))

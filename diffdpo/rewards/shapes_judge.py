@@ -6,10 +6,12 @@ For an image and its caption it measures, from pixels only:
 * **shape**: which template (circle, square, triangle), placed at the foreground's centroid and
   scaled to its area, overlaps the foreground best (soft IoU);
 * **position**: which region anchor the shape's centre is nearest to;
-* **aesthetic** in [0, 1]: half *centring* (how close the shape's centre is to the caption's anchor,
-  1 at the anchor, 0 at a quarter image away) and half *cleanliness* (the share of foreground mass
-  that lies inside the best template, i.e. no smears or stray blobs). The base model, trained on
-  jittered renders, does not already maximise it.
+* **aesthetic** in [0, 1]: *fill* times *cleanliness*. Fill is the house style the labeller likes,
+  a bold subject that fills the frame: the shape's size (side or diameter, estimated from its area)
+  mapped linearly from 0 at 0.30 of the image width to 1 at 0.55 and above. Training renders have
+  sizes in [0.34, 0.50], so the base model is not already there (its mean fill is about 0.5).
+  Cleanliness is the share of foreground mass inside the best template, so a smear or stray blob
+  does not count as filling the frame.
 
 score = colour_ok + shape_ok + position_ok + 0.5 * aesthetic, so faithfulness dominates and the
 aesthetic term breaks ties among faithful images. Two images whose scores differ by at most
@@ -25,6 +27,7 @@ import numpy as np
 
 from diffdpo.toy.shapes import ANCHORS, COLOURS, POSITIONS, SHAPES, parse_caption, shape_mask
 
+FILL_FROM, FILL_TO = 0.30, 0.55  # size (fraction of the image width) at which fill is 0 and 1
 FOREGROUND_THRESHOLD = 0.35  # a pixel is foreground when its brightest channel exceeds this (of 255)
 _AREA_PER_SIZE2 = {"circle": np.pi / 4, "square": 0.886**2, "triangle": 0.5 * 1.2 * 1.1}
 _CENTROID_BELOW_CENTRE = {"circle": 0.0, "square": 0.0, "triangle": 1.1 / 6}  # of size: triangle's centroid is lower
@@ -38,12 +41,16 @@ class Judgement:
     colour_ok: bool
     shape_ok: bool
     position_ok: bool
-    centring: float
+    size: float  # estimated side / diameter as a fraction of the image width
     cleanliness: float
 
     @property
+    def fill(self) -> float:
+        return float(np.clip((self.size - FILL_FROM) / (FILL_TO - FILL_FROM), 0.0, 1.0))
+
+    @property
     def aesthetic(self) -> float:
-        return 0.5 * self.centring + 0.5 * self.cleanliness
+        return self.fill * self.cleanliness
 
     @property
     def score(self) -> float:
@@ -79,25 +86,22 @@ def judge_image(image: np.ndarray, caption: str) -> Judgement:
     cx, cy = (w * xs).sum() / mass, (w * ys).sum() / mass
     area = mass  # in pixels, anti-aliased coverage counts fractionally
 
-    best_shape, best_iou, best_cover, best_centre = None, -1.0, None, (cx, cy)
+    best_shape, best_iou, best_cover, best_centre, best_size = None, -1.0, None, (cx, cy), 0.0
     for shape in SHAPES:
         size = float(np.sqrt(area / _AREA_PER_SIZE2[shape]))
         centre = (cx, cy - _CENTROID_BELOW_CENTRE[shape] * size)
         cover = shape_mask(shape, centre[0], centre[1], size, res)
         iou = np.minimum(cover, w).sum() / max(np.maximum(cover, w).sum(), 1e-12)
         if iou > best_iou:
-            best_shape, best_iou, best_cover, best_centre = shape, float(iou), cover, centre
+            best_shape, best_iou, best_cover, best_centre, best_size = shape, float(iou), cover, centre, size
 
     anchors = {p: (ANCHORS[p][0] * res, ANCHORS[p][1] * res) for p in POSITIONS}
     position = min(POSITIONS, key=lambda p: (best_centre[0] - anchors[p][0]) ** 2 + (best_centre[1] - anchors[p][1]) ** 2)
-    ax, ay = anchors[want.position]
-    dist = float(np.hypot(best_centre[0] - ax, best_centre[1] - ay)) / res
-    centring = float(np.clip(1.0 - dist / 0.25, 0.0, 1.0))
     cleanliness = float((weight * (best_cover > 0.0)).sum() / max(weight.sum(), 1e-12))
     return Judgement(
         colour, best_shape, position,
         colour == want.colour, best_shape == want.shape, position == want.position,
-        centring, cleanliness,
+        best_size / res, cleanliness,
     )
 
 

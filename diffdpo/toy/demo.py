@@ -36,6 +36,9 @@ class DemoConfig:
     seed: int = field(default=0, metadata=help_meta("seed of the caption split and of every sample"))
     heldout_captions: int = field(default=12, metadata=help_meta("captions (of 60) never used in pairs"))
     pairs_per_caption: int = field(default=40, metadata=help_meta("pairs sampled per training caption"))
+    images_per_prompt: int = field(default=6, metadata=help_meta(
+        "images judged per pair; > 2 keeps the best and the worst (best-of-k pairing; 2 = Pick-a-Pic's "
+        "two images per prompt). Measured: 2 -> 55% wins, 4 -> 64.5%, 6 -> 74%"))
     eval_comparisons: int = field(default=200, metadata=help_meta("same-seed comparisons over all captions"))
     eval_heldout_comparisons: int = field(default=96, metadata=help_meta("same-seed comparisons on held-out captions"))
     sample_steps: int = field(default=15, metadata=help_meta("DDIM steps per sample"))
@@ -44,6 +47,8 @@ class DemoConfig:
     threads: int = field(default=2, metadata=help_meta("torch CPU threads"))
 
     def __post_init__(self) -> None:
+        if self.images_per_prompt < 2:
+            raise ValueError(f"images_per_prompt must be >= 2, got {self.images_per_prompt}")
         if self.pairs_per_caption < 1 or self.eval_comparisons < 1 or self.eval_heldout_comparisons < 0:
             raise ValueError("pairs_per_caption and eval_comparisons must be >= 1, eval_heldout_comparisons >= 0")
 
@@ -95,7 +100,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     train_caps, heldout_caps = split_captions(cfg.heldout_captions, cfg.seed)
     pairs = make_pairs(
         base_pipe, judge, train_caps, cfg.pairs_per_caption, out / "pairs.parquet", seed=cfg.seed,
-        steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
+        steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, images_per_prompt=cfg.images_per_prompt,
     )
     print(f"      {pairs.rows} pairs, {pairs.ties} ties (dropped by the reader), {len(heldout_caps)} captions held out")
 

@@ -53,6 +53,33 @@ def test_pairs_round_trip_through_the_pickapic_reader(tmp_path, monkeypatch):
     assert winner[8, 4, 0] > 200 and winner[8, 4, 1] < 80  # the red circle (winner) comes first
 
 
+def test_best_of_k_pairs_keep_the_best_and_the_worst(tmp_path, monkeypatch):
+    """k = 4 known renders per prompt: right but small (fill 0.24), wrong colour and position, right and
+    large (fill 1), wrong shape. The pair is (large right, wrong colour + position), labelled 1/0."""
+    import diffdpo.toy.t2i as t2i
+    from diffdpo.data import PickAPicPairs
+    from diffdpo.rewards.shapes_judge import ShapesJudge
+
+    variants = [Scene("red", "circle", "left", size=0.36), Scene("blue", "circle", "right"),
+                Scene("red", "circle", "left", size=0.56), Scene("red", "square", "left")]
+    seen = []
+
+    def fake_sample(pipe, caps, seeds, **kw):
+        seen.append(list(seeds))
+        return np.stack([render(variants[k % 4], 16) for k in range(len(caps))])
+
+    monkeypatch.setattr(t2i, "sample_images", fake_sample)
+    summary = make_pairs(None, ShapesJudge(), ["a red circle on the left"], 1, tmp_path / "p.parquet", images_per_prompt=4)
+    assert (summary.rows, summary.decided) == (1, 1) and len(set(seen[0])) == 4
+    item = PickAPicPairs(tmp_path / "p.parquet", 16)[0]
+    win, lose = (((item["pixel_values"][i].permute(1, 2, 0).numpy() + 1) * 127.5).round() for i in (0, 1))
+    big, small = (render(variants[i], 16).astype(np.float64) for i in (2, 0))
+    assert np.abs(win - big).max() <= 40 < np.abs(win - small).max()  # the large red circle, through JPEG
+    assert lose[8, 12, 2] > 200  # the blue circle on the right
+    with pytest.raises(ValueError, match="images_per_prompt"):
+        make_pairs(None, ShapesJudge(), ["a red circle on the left"], 1, tmp_path / "q.parquet", images_per_prompt=1)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (BASE / "model_index.json").is_file(), reason="shipped base checkpoint missing")
 def test_shortened_demo_runs_and_writes_its_report(tmp_path):

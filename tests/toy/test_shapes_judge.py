@@ -7,7 +7,6 @@ import pytest
 
 from diffdpo.rewards.shapes_judge import ShapesJudge, attribute_accuracy, judge_image
 from diffdpo.toy.shapes import (
-    ANCHORS,
     COLOURS,
     POSITIONS,
     SHAPES,
@@ -49,22 +48,32 @@ def test_judge_is_right_on_ground_truth_renders():
 
 
 def test_judge_score_arithmetic():
-    """score = colour_ok + shape_ok + position_ok + 0.5 * aesthetic.
-    A perfectly centred render matches all three and its aesthetic is 0.5 * centring + 0.5 * cleanliness
-    with centring 1 - dist / (0.25 * 16) near 1. The same image judged against a caption with the
-    wrong colour loses exactly 1 point; with the wrong colour and position it also loses the centring."""
-    img = render(Scene("green", "triangle", "top"), 16)
-    right = judge_image(img, "a green triangle on the top")
+    """score = colour_ok + shape_ok + position_ok + 0.5 * aesthetic, aesthetic = fill * cleanliness,
+    fill = clip((size - 0.30) / 0.25, 0, 1). A clean render of size 0.425 matches all three and has
+    fill (0.425 - 0.30) / 0.25 = 0.5 (the size estimate from area is within 0.02 of the truth). The same
+    image judged against a caption with the wrong colour loses exactly 1 point, with the wrong colour
+    and position 2 points: the aesthetic does not depend on the caption."""
+    img = render(Scene("green", "square", "top", size=0.425), 16)
+    right = judge_image(img, "a green square on the top")
     assert right.colour_ok and right.shape_ok and right.position_ok
-    assert right.centring > 0.9 and right.cleanliness > 0.95
-    assert right.score == pytest.approx(3 + 0.5 * (0.5 * right.centring + 0.5 * right.cleanliness))
-    wrong_colour = judge_image(img, "a red triangle on the top")
+    assert right.size == pytest.approx(0.425, abs=0.02) and right.cleanliness > 0.95
+    assert right.fill == pytest.approx((right.size - 0.30) / 0.25)
+    assert right.fill == pytest.approx(0.5, abs=0.08)
+    assert right.score == pytest.approx(3 + 0.5 * right.fill * right.cleanliness)
+    wrong_colour = judge_image(img, "a red square on the top")
     assert wrong_colour.score == pytest.approx(right.score - 1.0)
-    wrong_both = judge_image(img, "a red triangle on the bottom")
-    # anchors top (y = 0.27) and bottom (y = 0.73) are 0.46 image heights apart > 0.25: centring 0
-    assert not wrong_both.position_ok and wrong_both.centring == 0.0
-    assert wrong_both.score == pytest.approx(1.0 + 0.25 * wrong_both.cleanliness)
-    assert ANCHORS["bottom"][1] - ANCHORS["top"][1] > 0.25
+    wrong_both = judge_image(img, "a red square on the bottom")
+    assert not wrong_both.position_ok and wrong_both.score == pytest.approx(right.score - 2.0)
+
+
+@pytest.mark.parametrize(("size", "fill"), [(0.25, 0.0), (0.30, 0.0), (0.60, 1.0), (0.65, 1.0)])
+def test_fill_saturates(size, fill):
+    """Fill is 0 at or below 0.30 of the width and 1 from 0.55 up (estimates within 0.03 of the truth),
+    and shapes that large are still judged right."""
+    j = judge_image(render(Scene("blue", "circle", "left", size=size), 16), "a blue circle on the left")
+    assert j.shape_ok and j.position_ok and j.colour_ok
+    assert j.size == pytest.approx(size, abs=0.03)
+    assert j.fill == pytest.approx(fill, abs=0.12)
 
 
 def test_empty_image_scores_zero():
