@@ -9,7 +9,7 @@ For an image and its caption it measures, from pixels only:
 * **aesthetic** in [0, 1]: *fill* times *cleanliness*. Fill is the house style the labeller likes,
   a bold subject that fills the frame: the shape's size (side or diameter, estimated from its area)
   mapped linearly from 0 at 0.30 of the image width to 1 at 0.55 and above. Training renders have
-  sizes in [0.34, 0.50], so the base model is not already there (its mean fill is about 0.5).
+  sizes in [0.34, 0.50], so the base model is not already there (its mean fill is about 0.4).
   Cleanliness is the share of foreground mass inside the best template, so a smear or stray blob
   does not count as filling the frame.
 

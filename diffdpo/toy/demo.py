@@ -160,7 +160,9 @@ def format_summary(report: dict[str, Any]) -> str:
 
     lines = [
         "",
-        f"pairs used {p['decided']} (of {p['rows']} sampled; {p['ties']} ties dropped), steps {t['steps']} ({t['seconds']:.0f}s)",
+        f"pairs used {p['decided']} (of {p['rows']} prompts, best and worst of "
+        f"{report['demo_config'].get('images_per_prompt', 2)} samples each; {p['ties']} ties dropped), "
+        f"steps {t['steps']} ({t['seconds']:.0f}s)",
         f"win rate tuned vs base  {pct(wr['rate'])}  95% CI [{pct(wr['ci_low'])}, {pct(wr['ci_high'])}]  "
         f"ties {pct(wr['tie_rate'])}  (W/T/L {wr['wins']}/{wr['ties']}/{wr['losses']}, n={wr['n']})",
     ]
