@@ -52,6 +52,8 @@ class DSOConfig:
     drop_uniform: bool = field(default=True, metadata=help_meta("pointwise losses: skip groups whose samples all agree"))
     eval_per_class: int = field(default=24, metadata=help_meta("held-out samples per class (fixed seeds)"))
     steps_per_round: int = field(default=60, metadata=help_meta("optimizer steps per round"))
+    epochs_per_round: float = field(default=0.0, metadata=help_meta(
+        "if > 0: steps = epochs x items / batch_size, at most steps_per_round (fewer pairs -> fewer steps)"))
     batch_size: int = field(default=8, metadata=help_meta("pairs (or samples) per step"))
     lora_rank: int = field(default=8, metadata=help_meta("LoRA rank; 0 = full fine-tune with a frozen copy as reference"))
     lora_alpha: float = field(default=8.0, metadata=help_meta("LoRA alpha"))
@@ -79,6 +81,8 @@ class DSOConfig:
                              "and max_pairs_per_group must be >= 1")
         if self.aux_source not in ("data", "winners"):
             raise ValueError(f"aux_source must be 'data' or 'winners', got {self.aux_source!r}")
+        if self.epochs_per_round < 0:
+            raise ValueError(f"epochs_per_round must be >= 0, got {self.epochs_per_round}")
         if self.aux_weight < 0 or not 0.0 <= self.min_fidelity <= 1.0:
             raise ValueError("aux_weight must be >= 0 and min_fidelity in [0, 1]")
 
@@ -263,10 +267,17 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
 # the loop
 
 
+def round_steps(cfg: DSOConfig, n_items: int) -> int:
+    """Optimizer steps of one round: ``steps_per_round``, or fixed epochs over the round's items."""
+    if cfg.epochs_per_round <= 0:
+        return cfg.steps_per_round
+    return max(1, min(cfg.steps_per_round, round(cfg.epochs_per_round * n_items / cfg.batch_size)))
+
+
 def _train_config(cfg: DSOConfig, out_dir: Path, round_index: int, n_items: int) -> Any:
     from diffdpo.train import TrainConfig
 
-    return TrainConfig(output_dir=str(out_dir), seed=cfg.seed * 1000 + round_index, max_steps=cfg.steps_per_round,
+    return TrainConfig(output_dir=str(out_dir), seed=cfg.seed * 1000 + round_index, max_steps=round_steps(cfg, n_items),
                        per_device_batch_size=min(cfg.batch_size, n_items), tensorboard=False, progress_bar=False,
                        checkpoint_every=0, log_every=10, optim=cfg.optim, loss=cfg.loss)
 
@@ -334,6 +345,7 @@ def run_dso(cfg: DSOConfig, generator: Any = None, bank: Any = None) -> dict[str
 
         pd.DataFrame(rows).to_parquet(rdir / "scores.parquet", index=False)
         info = {"round": r, "train_samples": scored.summary, "dataset": counts, "eval": ev.summary,
+                "steps": round_steps(cfg, len(items)) if items else 0,
                 "train_seconds": round(train_s, 1), "seconds": round(time.time() - t0, 1),
                 "last_step": history[-1] if history else None}
         rounds_info.append(info)

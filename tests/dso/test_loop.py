@@ -124,3 +124,14 @@ def test_fidelity_gate_turns_stable_but_unrecognisable_samples_into_losers():
         r["recognised"] = 1.0
     gated = reward_labels(DSOConfig(require_recognised=True), scored).tolist()
     assert gated == [False, True, False, False]
+
+
+def test_round_steps_fixed_epochs_capped_by_steps_per_round():
+    from diffdpo.dso.loop import round_steps
+
+    assert round_steps(DSOConfig(steps_per_round=100, batch_size=8), 320) == 100  # epochs off: fixed steps
+    cfg = DSOConfig(steps_per_round=100, batch_size=8, epochs_per_round=1.0)
+    assert round_steps(cfg, 320) == 40 and round_steps(cfg, 634) == 79  # 320 / 8, round(634 / 8)
+    assert round_steps(cfg, 2000) == 100 and round_steps(cfg, 3) == 1  # the cap, and at least one step
+    with pytest.raises(ValueError, match="epochs_per_round"):
+        DSOConfig(epochs_per_round=-1.0)
