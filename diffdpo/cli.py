@@ -24,6 +24,14 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _config_command(sub: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int],
+                    help: str, description: str) -> None:
+    """Register a subcommand that takes ``--config`` plus ``key=value`` overrides and runs ``func``."""
+    p = sub.add_parser(name, help=help, description=description)
+    _add_config_args(p)
+    p.set_defaults(func=func)
+
+
 # ------------------------------------------------------------------------------------------------
 # losses / demo
 
@@ -43,13 +51,11 @@ def _run_losses(args: argparse.Namespace) -> int:
 
 
 def _register_losses(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "losses",
+    _config_command(
+        sub, "losses", _run_losses,
         help="evaluate every loss of the DAA library on a seeded batch (value, gradient norm, stability)",
         description="Print a table of every loss type (and f-divergence variant) evaluated on one seeded batch.",
     )
-    _add_config_args(p)
-    p.set_defaults(func=_run_losses)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -61,14 +67,12 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _register_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo",
+    _config_command(
+        sub, "demo", _run_demo,
         help="Diffusion-DPO end to end on the embedded shapes world (CPU, no downloads)",
         description="Load the shipped tiny text-to-image base, sample and judge preference pairs (Pick-a-Pic "
         "schema), train Diffusion-DPO with LoRA, and report the win rate against the base with a 95%% CI.",
     )
-    _add_config_args(p)
-    p.set_defaults(func=_run_demo)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -82,14 +86,12 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _register_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
+    _config_command(
+        sub, "train", _run_train,
         help="preference-train a model (Diffusion-DPO on SD1.5/SDXL, ...) from a YAML config",
         description="Run the shared training loop (diffdpo.train) with the config's task and loss; "
         "multi-GPU: accelerate launch -m diffdpo.cli train --config ...",
     )
-    _add_config_args(p)
-    p.set_defaults(func=_run_train)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,15 +105,13 @@ def _run_dso(args: argparse.Namespace) -> int:
 
 
 def _register_dso(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "dso",
+    _config_command(
+        sub, "dso", _run_dso,
         help="DSO: rounds of sample -> simulate -> DPO/DRO/KTO fine-tune of a 3D generator (toy voxels on CPU)",
         description="Self-improvement loop with simulation feedback (Li et al. 2025): each round samples "
         "objects, scores their stability in pybullet, builds pairs or labels and fine-tunes a LoRA adapter "
         "with the shared training loop; writes scores, reports, plots and renders per round.",
     )
-    _add_config_args(p)
-    p.set_defaults(func=_run_dso)
 
 
 # ------------------------------------------------------------------------------------------------
