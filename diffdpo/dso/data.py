@@ -58,3 +58,9 @@ def pointwise_indices(conditions: Sequence[int], groups: Sequence[int], labels: 
         if mixed or not drop_uniform:
             keep += members
     return keep
+
+
+def losing_groups(conditions: Sequence[int], groups: Sequence[int], labels: Sequence[bool]) -> dict[tuple[int, int], list[int]]:
+    """Groups with no good sample, ``{(condition, group): members}``: DSO drops them (no winner to pair)."""
+    labels = np.asarray(labels, dtype=bool)
+    return {key: members for key, members in sorted(_groups(conditions, groups).items()) if not labels[members].any()}

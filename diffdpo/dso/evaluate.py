@@ -48,9 +48,17 @@ def reference_bank(n_per_class: int = 200, seed: int = 0) -> Any:
 def score_samples(generator: Any, conditions: Sequence[int], seeds: Sequence[int], *, groups: Sequence[int] | None = None,
                   sim_config: Any = None, workers: int | None = 0, bank: Any = None) -> Scored:
     """Sample the generator at ``seeds``, decode, score with :func:`sim.score_meshes`, measure shapes."""
+    latents = generator.sample(conditions, seeds)  # (N, *latent_shape)
+    return score_latents(generator, latents, conditions, seeds, groups=groups, sim_config=sim_config,
+                         workers=workers, bank=bank)
+
+
+def score_latents(generator: Any, latents: torch.Tensor, conditions: Sequence[int], seeds: Sequence[int], *,
+                  groups: Sequence[int] | None = None, sim_config: Any = None, workers: int | None = 0,
+                  bank: Any = None) -> Scored:
+    """Score given latents (samples, or training objects) exactly as :func:`score_samples` scores samples."""
     import sim
 
-    latents = generator.sample(conditions, seeds)  # (N, *latent_shape)
     meshes = generator.decode(latents)
     results = sim.score_meshes(meshes, sim_config, workers=workers)
     records = []

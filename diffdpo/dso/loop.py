@@ -7,6 +7,7 @@ for several rounds). Round 0 evaluates the shipped base on fixed held-out seeds;
    of ``group_size`` consecutive seeds;
 2. decodes them to meshes and scores them with :func:`sim.score_meshes` (pybullet, DSO protocol);
 3. builds DPO pairs within groups (uniform groups dropped) or pointwise stable/unstable labels;
+   with ``rescue_pairs > 0`` groups with no good sample get a training-data winner instead;
 4. fine-tunes one LoRA adapter (kept across rounds; the reference is always the base, adapters off)
    with :func:`diffdpo.train.train` and the configured loss of :mod:`diffdpo.losses`;
 5. evaluates on the held-out seeds.
@@ -67,6 +68,10 @@ class DSOConfig:
     aux_weight: float = field(default=0.0, metadata=help_meta("weight of the denoising (SFT) regulariser; 0 = off"))
     aux_source: str = field(default="data", metadata=help_meta("regulariser latents: 'data' (fresh training objects) or "
                                                            "'winners' (this round's stable samples)"))
+    rescue_pairs: int = field(default=0, metadata=help_meta(
+        "groups with no good sample (DSO drops them): pair up to this many of their samples with a fresh training "
+        "object of the class that passes the same reward (needs generator.training_latents), so a class whose "
+        "samples all drifted is pulled back instead of ignored; 0 = off"))
     sample_steps: int = field(default=25, metadata=help_meta("sampler steps (DDIM or Euler)"))
     threads: int = field(default=1, metadata=help_meta("torch CPU threads"))
     grid_samples: int = field(default=4, metadata=help_meta("objects per class in the before/after render"))
@@ -75,6 +80,8 @@ class DSOConfig:
     sim: SimSettings = field(default_factory=SimSettings)
 
     def __post_init__(self) -> None:
+        if self.rescue_pairs < 0:
+            raise ValueError(f"rescue_pairs must be >= 0, got {self.rescue_pairs}")
         if min(self.rounds, self.samples_per_class, self.group_size, self.eval_per_class, self.steps_per_round,
                self.batch_size, self.max_pairs_per_group) < 1:
             raise ValueError("rounds, samples_per_class, group_size, eval_per_class, steps_per_round, batch_size "
@@ -133,6 +140,60 @@ def build_items(cfg: DSOConfig, scored: Any, round_index: int, pointwise: bool) 
         (c, g) for c, g, lab in zip(conds, groups, labels) if not lab}
     counts.update(groups=n_groups, mixed_groups=len(mixed))
     return items, counts
+
+
+def rescue_items(cfg: DSOConfig, generator: Any, scored: Any, round_index: int, pointwise: bool, *, bank: Any = None,
+                 sim_config: Any = None) -> tuple[list[dict[str, Any]], dict, Any]:
+    """Training-data winners for the groups with no good sample (``rescue_pairs > 0``).
+
+    Once a class drifts (lamps that no longer look like lamps, tables without legs), every sample of
+    it is a loser, its groups are uniform and DSO drops them: nothing pulls the class back. Here each
+    such group gets one winner drawn from the training distribution (``generator.training_latents``),
+    scored by the same simulator and gated by the same reward (:func:`reward_labels`), and is paired
+    with up to ``rescue_pairs`` of its samples (pointwise losses: the winner is added as a desirable
+    sample, the group's samples as undesirable ones). Needs ``reward_labels`` to have run on ``scored``.
+    Returns ``(items, counts, pool)``; ``pool`` (the scored training draws) is ``None`` when unused.
+    """
+    from collections import Counter
+
+    from diffdpo.dso.data import losing_groups
+    from diffdpo.dso.evaluate import score_latents
+
+    if cfg.rescue_pairs <= 0:
+        return [], {}, None
+    if not hasattr(generator, "training_latents"):
+        raise ValueError(f"rescue_pairs > 0 needs {type(generator).__name__}.training_latents(conditions, seed)")
+    conds = [r["condition"] for r in scored.records]
+    lost = losing_groups(conds, [r["group"] for r in scored.records], [r["label"] for r in scored.records])
+    counts = {"rescued_groups": 0, "rescue_items": 0, "losing_groups": len(lost), "rescue_pool": 0, "rescue_pool_good": 0}
+    if not lost:
+        return [], counts, None
+    need = Counter(c for c, _ in lost)
+    pool_conds = [c for c, k in sorted(need.items()) for _ in range(2 * k + 2)]  # ~half the training draws pass
+    seed = cfg.seed * 1000 + round_index
+    pool = score_latents(generator, generator.training_latents(pool_conds, seed), pool_conds,
+                         list(range(len(pool_conds))), groups=[-1] * len(pool_conds), sim_config=sim_config,
+                         workers=cfg.sim.workers, bank=bank)
+    good = reward_labels(cfg, pool)
+    winners = {c: [i for i, (pc, ok) in enumerate(zip(pool_conds, good)) if pc == c and ok] for c in need}
+    used: Counter = Counter()
+    rng = np.random.default_rng(seed)
+    items: list[dict[str, Any]] = []
+    for (c, _g), members in lost.items():
+        if not winners[c]:
+            continue
+        w = winners[c][used[c] % len(winners[c])]
+        used[c] += 1
+        losers = [members[j] for j in sorted(rng.permutation(len(members))[:cfg.rescue_pairs])]
+        if pointwise:
+            items.append({"latents": pool.latents[w][None], "cond": c, "label": True})
+            if cfg.drop_uniform:  # otherwise build_items already kept the group's samples
+                items += [{"latents": scored.latents[i][None], "cond": c, "label": False} for i in losers]
+        else:
+            items += [{"latents": torch.stack([pool.latents[w], scored.latents[i]]), "cond": c} for i in losers]
+        counts["rescued_groups"] += 1
+    counts.update(rescue_items=len(items), rescue_pool=len(pool_conds), rescue_pool_good=int(good.sum()))
+    return items, counts, pool
 
 
 def attach_aux(cfg: DSOConfig, generator: Any, items: list[dict[str, Any]], scored: Any, round_index: int) -> None:
@@ -329,6 +390,9 @@ def run_dso(cfg: DSOConfig, generator: Any = None, bank: Any = None) -> dict[str
         scored = score_samples(generator, conds, seeds, groups=groups, sim_config=sim_cfg, workers=cfg.sim.workers,
                                bank=bank)
         items, counts = build_items(cfg, scored, r, pointwise)
+        extra, rescue_counts, pool = rescue_items(cfg, generator, scored, r, pointwise, bank=bank, sim_config=sim_cfg)
+        items += extra
+        counts.update(rescue_counts)
         attach_aux(cfg, generator, items, scored, r)
         train_s = 0.0
         history: list[dict[str, float]] = []
@@ -341,6 +405,8 @@ def run_dso(cfg: DSOConfig, generator: Any = None, bank: Any = None) -> dict[str
         ev = evaluate()
         summaries.append(ev.summary)
         rows = score_rows(r, "train", scored) + score_rows(r, "eval", ev)
+        if pool is not None:
+            rows += score_rows(r, "rescue_pool", pool)
         import pandas as pd
 
         pd.DataFrame(rows).to_parquet(rdir / "scores.parquet", index=False)

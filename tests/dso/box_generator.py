@@ -50,6 +50,12 @@ class BoxGenerator:
             x = x + (t_next - t) * self.predict(self.network, x, (t * 1000).repeat(len(x)), cond)
         return x.clamp(-1, 1)
 
+    def training_latents(self, conditions, seed):
+        """The box world's "training objects": uniform sizes, top shifts in [-0.5, 0.5] (a share tips over)."""
+        x = torch.rand(len(conditions), 4, generator=torch.Generator().manual_seed(int(seed))) * 2 - 1
+        x[:, 3] *= 0.5
+        return x
+
     def decode(self, latents):
         import trimesh
 

@@ -135,3 +135,56 @@ def test_round_steps_fixed_epochs_capped_by_steps_per_round():
     assert round_steps(cfg, 2000) == 100 and round_steps(cfg, 3) == 1  # the cap, and at least one step
     with pytest.raises(ValueError, match="epochs_per_round"):
         DSOConfig(epochs_per_round=-1.0)
+
+
+def _forced_losers(losing: set[tuple[int, int]]):
+    """Four samples per class of the box world, in groups of two; the groups in ``losing`` lose all."""
+    from diffdpo.dso.evaluate import score_samples
+
+    gen = BoxGenerator()
+    conds, groups = [0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0, 1, 1]
+    scored = score_samples(gen, conds, list(range(8)), groups=groups)
+    for rec in scored.records:
+        rec["stable"] = (rec["condition"], rec["group"]) not in losing
+    return gen, scored
+
+
+@pytest.mark.parametrize("pointwise", [False, True])
+def test_groups_without_a_good_sample_get_a_scored_training_data_winner(pointwise):
+    from diffdpo.dso.loop import build_items, rescue_items
+
+    cfg = DSOConfig(rescue_pairs=1)
+    gen, scored = _forced_losers({(0, 1), (1, 0)})
+    items, counts = build_items(cfg, scored, 1, pointwise)
+    assert counts["mixed_groups"] == 0 and items == []  # DSO alone: every group is uniform, nothing to train on
+    extra, rc, pool = rescue_items(cfg, gen, scored, 1, pointwise)
+    assert rc["losing_groups"] == 2 and rc["rescue_pool"] == 8  # 2 x 1 + 2 draws per class in need
+    good = [i for i, r in enumerate(pool.records) if r["label"]]
+    assert rc["rescue_pool_good"] == len(good) and all(pool.records[i]["stable"] for i in good)
+    assert rc["rescued_groups"] == len({pool.records[i]["condition"] for i in good}) >= 1  # one losing group per class
+    losers = {0: scored.latents[2:4], 1: scored.latents[4:6]}  # the members of (0, 1) and (1, 0)
+    for it in extra:
+        c = it["cond"]
+        if pointwise and it["label"]:
+            assert any(torch.equal(it["latents"][0], pool.latents[i]) and pool.records[i]["condition"] == c for i in good)
+        elif pointwise:
+            assert any(torch.equal(it["latents"][0], x) for x in losers[c])
+        else:
+            w, lo = it["latents"]
+            assert any(torch.equal(w, pool.latents[i]) and pool.records[i]["condition"] == c for i in good)
+            assert any(torch.equal(lo, x) for x in losers[c])  # never a loser of another class or group
+    assert len(extra) == rc["rescued_groups"] * (2 if pointwise else 1)  # rescue_pairs = 1 loser per group
+
+
+def test_rescue_is_off_by_default_and_needs_training_latents():
+    from diffdpo.dso.loop import build_items, rescue_items
+
+    cfg = DSOConfig()
+    gen, scored = _forced_losers({(0, 0)})
+    build_items(cfg, scored, 1, False)
+    assert rescue_items(cfg, gen, scored, 1, False) == ([], {}, None)
+    bare = type("Bare", (), {})()
+    with pytest.raises(ValueError, match="training_latents"):
+        rescue_items(DSOConfig(rescue_pairs=2), bare, scored, 1, False)
+    with pytest.raises(ValueError, match="rescue_pairs"):
+        DSOConfig(rescue_pairs=-1)
