@@ -71,7 +71,7 @@ def _register_demo(sub: argparse._SubParsersAction) -> None:
         sub, "demo", _run_demo,
         help="Diffusion-DPO end to end on the embedded shapes world (CPU, no downloads)",
         description="Load the shipped tiny text-to-image base, sample and judge preference pairs (Pick-a-Pic "
-        "schema), train Diffusion-DPO with LoRA, and report the win rate against the base with a 95%% CI.",
+        "schema), train Diffusion-DPO with LoRA, and report the win rate against the base with a 95% CI.",
     )
 
 

@@ -35,6 +35,9 @@ class DemoConfig:
     out_dir: str = field(default="outputs/demo", metadata=help_meta("where pairs, weights, report and plots go"))
     seed: int = field(default=0, metadata=help_meta("seed of the caption split and of every sample"))
     heldout_captions: int = field(default=12, metadata=help_meta("captions (of 60) never used in pairs"))
+    pairs: str = field(default="", metadata=help_meta(
+        "reuse this pairs parquet (e.g. an earlier run's out_dir/pairs.parquet, same seed and heldout_captions) "
+        "instead of sampling new pairs; it must not contain a held-out caption"))
     pairs_per_caption: int = field(default=40, metadata=help_meta("pairs sampled per training caption"))
     images_per_prompt: int = field(default=6, metadata=help_meta(
         "images judged per pair; > 2 keeps the best and the worst (best-of-k pairing; 2 = Pick-a-Pic's "
@@ -79,6 +82,24 @@ def _evaluate(base_pipe: Any, tuned_pipe: Any, judge: Any, caps: list[str], seed
     return wr, attribute_accuracy(base_j), attribute_accuracy(tuned_j), base_imgs, tuned_imgs
 
 
+def reuse_pairs(path: str, train_caps: list[str], heldout_caps: list[str]) -> Any:
+    """Summary of an existing pairs parquet; refuses one that contains a held-out caption."""
+    import pandas as pd
+
+    from diffdpo.toy.pairs import PairSummary
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"pairs={path!r}: no such file (run the demo once without pairs= to write one)")
+    df = pd.read_parquet(path, columns=["caption", "label_0"])
+    leaked = sorted(set(df["caption"]) & set(heldout_caps))
+    if leaked:
+        raise ValueError(f"pairs={path!r} contains held-out captions {leaked}: it was written with another seed or "
+                         "heldout_captions; use the same ones or sample new pairs")
+    ties = int((df["label_0"] == 0.5).sum())
+    used = set(df["caption"])
+    return PairSummary(len(df), ties, len(df) - ties, str(path), [c for c in train_caps if c in used], [])
+
+
 def run_demo(cfg: DemoConfig) -> DemoResult:
     import torch
 
@@ -98,10 +119,13 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
 
     print(f"[1/4] sampling and judging pairs from the base model ({cfg.base})")
     train_caps, heldout_caps = split_captions(cfg.heldout_captions, cfg.seed)
-    pairs = make_pairs(
-        base_pipe, judge, train_caps, cfg.pairs_per_caption, out / "pairs.parquet", seed=cfg.seed,
-        steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, images_per_prompt=cfg.images_per_prompt,
-    )
+    if cfg.pairs:
+        pairs = reuse_pairs(cfg.pairs, train_caps, heldout_caps)
+    else:
+        pairs = make_pairs(
+            base_pipe, judge, train_caps, cfg.pairs_per_caption, out / "pairs.parquet", seed=cfg.seed,
+            steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, images_per_prompt=cfg.images_per_prompt,
+        )
     print(f"      {pairs.rows} pairs, {pairs.ties} ties (dropped by the reader), {len(heldout_caps)} captions held out")
 
     print("[2/4] Diffusion-DPO with LoRA (reference = adapters disabled)")

@@ -80,6 +80,29 @@ def test_best_of_k_pairs_keep_the_best_and_the_worst(tmp_path, monkeypatch):
         make_pairs(None, ShapesJudge(), ["a red circle on the left"], 1, tmp_path / "q.parquet", images_per_prompt=1)
 
 
+def test_reused_pairs_are_counted_and_must_not_leak_held_out_captions(tmp_path):
+    from diffdpo.data import write_pickapic_parquet
+    from diffdpo.toy.demo import reuse_pairs
+    from diffdpo.toy.pairs import jpeg_bytes
+
+    train, held = split_captions(12, seed=0)
+    img = jpeg_bytes(render(Scene("red", "circle", "left"), 16))
+    row = {"jpg_0": img, "jpg_1": img, "model_0": "m", "model_1": "m"}
+    rows = [{**row, "caption": train[0], "label_0": 1.0, "label_1": 0.0},
+            {**row, "caption": train[1], "label_0": 0.5, "label_1": 0.5},
+            {**row, "caption": train[0], "label_0": 0.0, "label_1": 1.0}]
+    path = write_pickapic_parquet(tmp_path / "pairs.parquet", rows)
+    summary = reuse_pairs(str(path), train, held)
+    assert (summary.rows, summary.ties, summary.decided) == (3, 1, 2)
+    assert summary.train_captions == [train[0], train[1]]  # in split order, only those present
+    leaky = write_pickapic_parquet(tmp_path / "leaky.parquet", rows + [{**row, "caption": held[3], "label_0": 1.0,
+                                                                         "label_1": 0.0}])
+    with pytest.raises(ValueError, match="held-out captions"):
+        reuse_pairs(str(leaky), train, held)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        reuse_pairs(str(tmp_path / "missing.parquet"), train, held)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (BASE / "model_index.json").is_file(), reason="shipped base checkpoint missing")
 def test_shortened_demo_runs_and_writes_its_report(tmp_path):
@@ -97,3 +120,8 @@ def test_shortened_demo_runs_and_writes_its_report(tmp_path):
         assert 0.0 <= report["accuracy_tuned"][key] <= 1.0
     assert result.grid_path.stat().st_size > 0 and result.curves_path.stat().st_size > 0
     assert "win rate tuned vs base" in format_summary(report)
+    # a second run trains on the first run's pairs instead of sampling new ones
+    again = run_demo(DemoConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "again"),
+                                   "pairs": report["pairs"]["path"]}))
+    assert again.report["pairs"]["rows"] == 48 and again.report["pairs"]["path"] == report["pairs"]["path"]
+    assert not (tmp_path / "again" / "pairs.parquet").exists()
