@@ -72,6 +72,14 @@ class DSOConfig:
         "groups with no good sample (DSO drops them): pair up to this many of their samples with a fresh training "
         "object of the class that passes the same reward (needs generator.training_latents), so a class whose "
         "samples all drifted is pulled back instead of ignored; 0 = off"))
+    validate_per_class: int = field(default=0, metadata=help_meta(
+        "if > 0: after training, sample this many objects per class at fresh validation seeds (never the "
+        "held-out eval seeds) and keep the round's update only if the share of good samples (the training "
+        "reward: stable and, with the gates, faithful and recognised) did not fall, overall or by more than "
+        "class_drop_tolerance in any class, against the round's own training samples; otherwise revert the "
+        "update, so a round that collapses a class or loses stability is discarded; 0 = keep every round"))
+    class_drop_tolerance: float = field(default=0.1, metadata=help_meta(
+        "validation: the largest fall in one class's good share that still accepts a round"))
     sample_steps: int = field(default=25, metadata=help_meta("sampler steps (DDIM or Euler)"))
     threads: int = field(default=1, metadata=help_meta("torch CPU threads"))
     grid_samples: int = field(default=4, metadata=help_meta("objects per class in the before/after render"))
@@ -80,6 +88,8 @@ class DSOConfig:
     sim: SimSettings = field(default_factory=SimSettings)
 
     def __post_init__(self) -> None:
+        if self.validate_per_class < 0 or not 0.0 <= self.class_drop_tolerance <= 1.0:
+            raise ValueError("validate_per_class must be >= 0 and class_drop_tolerance in [0, 1]")
         if self.rescue_pairs < 0:
             raise ValueError(f"rescue_pairs must be >= 0, got {self.rescue_pairs}")
         if min(self.rounds, self.samples_per_class, self.group_size, self.eval_per_class, self.steps_per_round,
@@ -194,6 +204,25 @@ def rescue_items(cfg: DSOConfig, generator: Any, scored: Any, round_index: int, 
         counts["rescued_groups"] += 1
     counts.update(rescue_items=len(items), rescue_pool=len(pool_conds), rescue_pool_good=int(good.sum()))
     return items, counts, pool
+
+
+def good_rates(records: list[dict[str, Any]]) -> tuple[float, dict[int, float]]:
+    """Share of good samples (``rec["label"]`` from :func:`reward_labels`), overall and per condition."""
+    labels = np.array([bool(r["label"]) for r in records])
+    cond = np.array([r["condition"] for r in records])
+    return float(labels.mean()), {int(c): float(labels[cond == c].mean()) for c in np.unique(cond)}
+
+
+def accept_round(cfg: DSOConfig, before: list[dict[str, Any]], after: list[dict[str, Any]]) -> tuple[bool, dict]:
+    """Keep a round's update? Compares the good share of the policy before training (the round's own
+    training samples) with that after training (fresh validation samples): accept iff it did not fall
+    overall and no class fell by more than ``class_drop_tolerance``."""
+    mean_0, per_0 = good_rates(before)
+    mean_1, per_1 = good_rates(after)
+    worst = min(per_1.get(c, 0.0) - v for c, v in per_0.items())
+    ok = mean_1 >= mean_0 and worst >= -cfg.class_drop_tolerance
+    return ok, {"accepted": ok, "good_before": round(mean_0, 4), "good_after": round(mean_1, 4),
+                "worst_class_change": round(worst, 4)}
 
 
 def attach_aux(cfg: DSOConfig, generator: Any, items: list[dict[str, Any]], scored: Any, round_index: int) -> None:
@@ -377,6 +406,7 @@ def run_dso(cfg: DSOConfig, generator: Any = None, bank: Any = None) -> dict[str
         frozen = copy.deepcopy(generator.network).requires_grad_(False).eval()
     trainable = prepare_network(generator, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
     base = evaluate()
+    evals = [base]
     summaries, rounds_info = [base.summary], [{"round": 0, "seconds": round(time.time() - t_start, 1)}]
     print(f"[dso] base: stable {base.summary['stable_rate']:.3f}, fidelity {base.summary.get('fidelity', float('nan')):.3f}")
     for r in range(1, cfg.rounds + 1):
@@ -396,15 +426,36 @@ def run_dso(cfg: DSOConfig, generator: Any = None, bank: Any = None) -> dict[str
         attach_aux(cfg, generator, items, scored, r)
         train_s = 0.0
         history: list[dict[str, float]] = []
+        validation: dict[str, Any] = {}
+        val = None
         if items:
             task = DSOTask(generator, items, pointwise=pointwise, trainable=trainable, seed=cfg.seed * 1000 + r,
                            aux_weight=cfg.aux_weight, loss_kwargs=loss_kwargs, frozen_reference=frozen)
+            before = [p.detach().clone() for p in trainable]
             t_train = time.time()
             history = train(_train_config(cfg, rdir / "train", r, len(items)), task).history
             train_s = time.time() - t_train
-        ev = evaluate()
+            if cfg.validate_per_class > 0:
+                m = cfg.validate_per_class
+                val_seeds = [cfg.seed * 1_000_000_000 + r * 1_000_000 + 500_000 + c * 10_000 + i
+                             for c in range(len(names)) for i in range(m)]  # disjoint from training and eval seeds
+                val = score_samples(generator, [c for c in range(len(names)) for _ in range(m)], val_seeds,
+                                    sim_config=sim_cfg, workers=cfg.sim.workers, bank=bank)
+                reward_labels(cfg, val)
+                accepted, validation = accept_round(cfg, scored.records, val.records)
+                if not accepted:
+                    with torch.no_grad():
+                        for p, p0 in zip(trainable, before):
+                            p.copy_(p0)
+        if validation and not validation["accepted"]:
+            ev = evals[-1]  # the weights are back to the previous round's: same samples, same scores
+        else:
+            ev = evaluate()
+        evals.append(ev)
         summaries.append(ev.summary)
         rows = score_rows(r, "train", scored) + score_rows(r, "eval", ev)
+        if val is not None:
+            rows += score_rows(r, "validation", val)
         if pool is not None:
             rows += score_rows(r, "rescue_pool", pool)
         import pandas as pd
@@ -412,12 +463,17 @@ def run_dso(cfg: DSOConfig, generator: Any = None, bank: Any = None) -> dict[str
         pd.DataFrame(rows).to_parquet(rdir / "scores.parquet", index=False)
         info = {"round": r, "train_samples": scored.summary, "dataset": counts, "eval": ev.summary,
                 "steps": round_steps(cfg, len(items)) if items else 0,
-                "train_seconds": round(train_s, 1), "seconds": round(time.time() - t0, 1),
+                "train_seconds": round(train_s, 1), "validation": validation or None,
+                "seconds": round(time.time() - t0, 1),
                 "last_step": history[-1] if history else None}
         rounds_info.append(info)
         (rdir / "report.json").write_text(json.dumps(info, indent=2))
         render_grid(out / f"grid_round_{r:02d}.png", base, ev, names, cfg.grid_samples,
                     f"{cfg.loss.type} round {r}: base vs after (green = stable)")
+        if validation:
+            print(f"[dso] round {r}: good share {validation['good_before']:.3f} -> {validation['good_after']:.3f} "
+                  f"(worst class {validation['worst_class_change']:+.3f}): "
+                  f"{'kept' if validation['accepted'] else 'reverted'}")
         print(f"[dso] round {r}: {counts}, train-set stable {scored.summary['stable_rate']:.3f}, eval stable "
               f"{ev.summary['stable_rate']:.3f}, fidelity {ev.summary.get('fidelity', float('nan')):.3f} "
               f"({time.time() - t0:.0f}s)")

@@ -188,3 +188,55 @@ def test_rescue_is_off_by_default_and_needs_training_latents():
         rescue_items(DSOConfig(rescue_pairs=2), bare, scored, 1, False)
     with pytest.raises(ValueError, match="rescue_pairs"):
         DSOConfig(rescue_pairs=-1)
+
+
+def test_accept_round_compares_good_shares_overall_and_per_class():
+    from diffdpo.dso.loop import accept_round
+
+    def recs(goods: dict[int, list[bool]]):
+        return [{"condition": c, "label": g} for c, gs in goods.items() for g in gs]
+
+    before = recs({0: [True, False, False, False], 1: [True, True, False, False]})  # 3/8; 0.25 and 0.5
+    cfg = DSOConfig(validate_per_class=4, class_drop_tolerance=0.1)
+    ok, info = accept_round(cfg, before, recs({0: [True, True, True, False], 1: [True, True, False, False]}))
+    assert ok and info["good_before"] == 0.375 and info["good_after"] == 0.625 and info["worst_class_change"] == 0.0
+    # better overall (4/8), but class 1 fell from 0.5 to 0.25: -0.25 < -0.1
+    ok, info = accept_round(cfg, before, recs({0: [True, True, True, False], 1: [True, False, False, False]}))
+    assert not ok and info["worst_class_change"] == -0.25
+    ok, _ = accept_round(DSOConfig(class_drop_tolerance=0.3), before,
+                         recs({0: [True, True, True, False], 1: [True, False, False, False]}))
+    assert ok  # within a looser tolerance
+    ok, info = accept_round(cfg, before, recs({0: [True, False, False, False], 1: [True, False, False, False]}))
+    assert not ok and info["good_after"] == 0.25  # worse overall
+
+
+class _WorseWhenTrained(BoxGenerator):
+    """The box world, except that any trained adapter (a nonzero LoRA B) knocks every upper box off."""
+
+    def sample(self, conditions, seeds):
+        x = super().sample(conditions, seeds)
+        if any(torch.count_nonzero(p) for n, p in self.network.named_parameters() if "lora_B" in n):
+            x[:, 3] = 1.0
+        return x
+
+
+def test_a_round_that_makes_the_policy_worse_is_reverted(tmp_path):
+    gen = _WorseWhenTrained()
+    report = run_dso(_small_cfg(tmp_path, validate_per_class=8), gen)
+    info = report["rounds"][1]
+    v = info["validation"]
+    assert v["accepted"] is False and v["good_after"] < v["good_before"] and v["worst_class_change"] < 0
+    assert report["summaries"][1] == report["summaries"][0]  # weights restored: the base's eval
+    lora = [p for n, p in gen.network.named_parameters() if "lora_B" in n]
+    assert lora and all(torch.count_nonzero(p) == 0 for p in lora)  # B starts at zero and is back there
+    scores = pd.read_parquet(tmp_path / "round_01" / "scores.parquet")
+    assert (scores["split"] == "validation").sum() == 2 * 8
+
+
+def test_an_improving_round_is_kept(tmp_path):
+    gen = BoxGenerator()
+    report = run_dso(_small_cfg(tmp_path, validate_per_class=8), gen)
+    v = report["rounds"][1]["validation"]
+    assert v["accepted"] == (v["good_after"] >= v["good_before"] and v["worst_class_change"] >= -0.1)
+    lora = [p for n, p in gen.network.named_parameters() if "lora_B" in n]
+    assert any(torch.count_nonzero(p) for p in lora) == v["accepted"]
