@@ -167,6 +167,25 @@ def tuner_layers(unet: Any) -> list[Any]:
     return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
 
 
+@torch.no_grad()
+def fold_adapters(model: Any) -> int:
+    """Add every LoRA adapter's update into its base layer's weight and zero the adapter's B matrix.
+
+    The model computes the same function before and after (adapters on); afterwards the adapter-
+    disabled model *is* that function, so a reference "with adapters disabled" becomes the current
+    policy (iterative DPO, where each round's reference is the previous round's model). A is kept,
+    so the next round starts from the usual LoRA state (B = 0). Returns the number of folded adapters.
+    """
+    folded = 0
+    for layer in tuner_layers(model):
+        for name in list(getattr(layer, "lora_A", {}).keys()):
+            base = layer.get_base_layer()
+            base.weight.add_(layer.get_delta_weight(name).to(base.weight.dtype))
+            layer.lora_B[name].weight.zero_()
+            folded += 1
+    return folded
+
+
 @contextlib.contextmanager
 def adapters_disabled(unet: Any, layers: Sequence[Any] | None = None) -> Iterator[Any]:
     """Within the block ``unet`` computes the base model (LoRA adapters off); restored on exit.

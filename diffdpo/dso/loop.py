@@ -8,8 +8,10 @@ for several rounds). Round 0 evaluates the shipped base on fixed held-out seeds;
 2. decodes them to meshes and scores them with :func:`sim.score_meshes` (pybullet, DSO protocol);
 3. builds DPO pairs within groups (uniform groups dropped) or pointwise stable/unstable labels;
    with ``rescue_pairs > 0`` groups with no good sample get a training-data winner instead;
-4. fine-tunes one LoRA adapter (kept across rounds; the reference is always the base, adapters off)
-   with :func:`diffdpo.train.train` and the configured loss of :mod:`diffdpo.losses`;
+4. fine-tunes one LoRA adapter with :func:`diffdpo.train.train` and the configured loss of
+   :mod:`diffdpo.losses` (the adapter is kept across rounds; the reference is the base with adapters
+   off, or with ``reference=previous`` the policy the round started from: the adapter is folded into
+   the weights after each kept round);
 5. evaluates on the held-out seeds.
 
 Outputs in ``output_dir``: ``round_XX/scores.parquet`` (train and eval samples of the round),
@@ -67,11 +69,15 @@ class DSOConfig:
         "identity: without it a whole class can drift into another, e.g. tables into slabs)"))
     aux_weight: float = field(default=0.0, metadata=help_meta("weight of the denoising (SFT) regulariser; 0 = off"))
     aux_source: str = field(default="data", metadata=help_meta("regulariser latents: 'data' (fresh training objects) or "
-                                                           "'winners' (this round's stable samples)"))
+                                                           "'winners' (this round's good samples, every class in turn)"))
     rescue_pairs: int = field(default=0, metadata=help_meta(
         "groups with no good sample (DSO drops them): pair up to this many of their samples with a fresh training "
         "object of the class that passes the same reward (needs generator.training_latents), so a class whose "
         "samples all drifted is pulled back instead of ignored; 0 = off"))
+    reference: str = field(default="base", metadata=help_meta(
+        "reference of the preference loss: 'base' (the shipped model in every round) or 'previous' (each "
+        "round's reference is the policy the round started from: iterative DPO; the adapter is folded into "
+        "the weights after every kept round)"))
     validate_per_class: int = field(default=0, metadata=help_meta(
         "if > 0: after training, sample this many objects per class at fresh validation seeds (never the "
         "held-out eval seeds) and keep the round's update only if the share of good samples (the training "
@@ -88,6 +94,8 @@ class DSOConfig:
     sim: SimSettings = field(default_factory=SimSettings)
 
     def __post_init__(self) -> None:
+        if self.reference not in ("base", "previous"):
+            raise ValueError(f"reference must be 'base' or 'previous', got {self.reference!r}")
         if self.validate_per_class < 0 or not 0.0 <= self.class_drop_tolerance <= 1.0:
             raise ValueError("validate_per_class must be >= 0 and class_drop_tolerance in [0, 1]")
         if self.rescue_pairs < 0:
@@ -230,7 +238,9 @@ def attach_aux(cfg: DSOConfig, generator: Any, items: list[dict[str, Any]], scor
 
     ``aux_source="data"`` needs ``generator.training_latents(conditions, seed)`` (fresh objects of the
     training distribution: the toy world draws new procedural objects; a large model would read its
-    training set); ``"winners"`` reuses this round's stable samples.
+    training set); ``"winners"`` reuses this round's good samples (stable and, with the gates, faithful),
+    taken in turn from every class that has one: a self-distillation anchor (rejection-sampling
+    fine-tuning) that also covers classes whose groups were all good and so gave no pairs.
     """
     if cfg.aux_weight <= 0 or not items:
         return
@@ -243,12 +253,18 @@ def attach_aux(cfg: DSOConfig, generator: Any, items: list[dict[str, Any]], scor
         for it, lat in zip(items, latents):
             it["aux"], it["aux_cond"] = lat, it["cond"]
         return
-    stable = [i for i, r in enumerate(scored.records) if r.get("label", scored.stable[i])]
-    if not stable:
-        raise ValueError(f"round {round_index}: aux_source='winners' but no sample was stable; use aux_source=data")
+    good = [i for i, r in enumerate(scored.records) if r.get("label", scored.stable[i])]
+    if not good:
+        raise ValueError(f"round {round_index}: aux_source='winners' but no sample was good; use aux_source=data")
+    # round-robin over the classes, so that every class with a good sample is anchored, also those
+    # whose groups were all good and so gave no pairs (their samples would otherwise drift unwatched)
+    by_class: dict[int, list[int]] = {}
+    for i in np.random.default_rng(cfg.seed * 1000 + round_index).permutation(good):
+        by_class.setdefault(int(scored.records[i]["condition"]), []).append(int(i))
+    classes = sorted(by_class)
     for k, it in enumerate(items):
-        members = [i for i in stable if scored.records[i]["condition"] == it["cond"]] or stable
-        j = members[k % len(members)]
+        members = by_class[classes[k % len(classes)]]
+        j = members[(k // len(classes)) % len(members)]
         it["aux"], it["aux_cond"] = scored.latents[j], scored.records[j]["condition"]
 
 
@@ -375,6 +391,7 @@ def _train_config(cfg: DSOConfig, out_dir: Path, round_index: int, n_items: int)
 def run_dso(cfg: DSOConfig, generator: Any = None, bank: Any = None) -> dict[str, Any]:
     """Run the loop; returns the report (also written to ``output_dir/report.json``)."""
     import sim
+    from diffdpo.diffusion.models import fold_adapters
     from diffdpo.dso.evaluate import evaluate_generator, reference_bank, score_samples
     from diffdpo.dso.task import DSOTask, prepare_network
     from diffdpo.losses import POINTWISE_LOSS_TYPES
@@ -447,6 +464,12 @@ def run_dso(cfg: DSOConfig, generator: Any = None, bank: Any = None) -> dict[str
                     with torch.no_grad():
                         for p, p0 in zip(trainable, before):
                             p.copy_(p0)
+        kept = bool(items) and (not validation or validation["accepted"])
+        if kept and cfg.reference == "previous":  # the next round's reference is this round's policy
+            if frozen is None:
+                fold_adapters(generator.network)
+            else:
+                frozen.load_state_dict(generator.network.state_dict())
         if validation and not validation["accepted"]:
             ev = evals[-1]  # the weights are back to the previous round's: same samples, same scores
         else:

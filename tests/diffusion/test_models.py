@@ -7,7 +7,7 @@ import copy
 import torch
 
 from diffdpo.diffusion.conditioning import unet_forward
-from diffdpo.diffusion.models import Reference, add_lora, load_components
+from diffdpo.diffusion.models import Reference, adapters_disabled, add_lora, fold_adapters, load_components
 from diffdpo.diffusion.tiny import tiny_components
 
 
@@ -62,3 +62,27 @@ def test_full_finetune_reference_is_a_frozen_copy():
         assert torch.equal(ref(x, t, cond), unet_forward(unet, x, t, cond))
         next(unet.parameters()).add_(1.0)  # training the policy leaves the reference alone
         assert not torch.equal(ref(x, t, cond), unet_forward(unet, x, t, cond))
+
+
+def test_folding_adapters_makes_the_adapted_unet_the_reference():
+    """After fold_adapters the UNet computes the same (adapters on) and the adapter-disabled
+    reference equals it; the folded update is exactly the LoRA delta B @ A * alpha / r."""
+    unet = tiny_components("sd15").unet
+    params = add_lora(unet, rank=4)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05)  # a trained adapter's scale; 0.5 amplifies fp32 rounding
+    x, t, cond = _inputs()
+    name, q = next((n, m) for n, m in unet.named_modules() if n.endswith("attn1.to_q"))
+    w0 = q.get_base_layer().weight.clone()
+    delta = q.lora_B["default"].weight @ q.lora_A["default"].weight * q.scaling["default"]
+    with torch.no_grad():
+        adapted = unet_forward(unet, x, t, cond)
+        with adapters_disabled(unet):
+            assert not torch.allclose(unet_forward(unet, x, t, cond), adapted, atol=1e-3)  # the adapter matters
+        assert fold_adapters(unet) == sum(1 for n, _ in unet.named_modules() if n.endswith(".lora_A"))
+        torch.testing.assert_close(unet_forward(unet, x, t, cond), adapted, rtol=1e-4, atol=1e-5)
+        with adapters_disabled(unet):
+            torch.testing.assert_close(unet_forward(unet, x, t, cond), adapted, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(q.get_base_layer().weight, w0 + delta)
+    assert all(torch.count_nonzero(m.weight) == 0 for n, m in unet.named_modules() if n.endswith("lora_B.default"))

@@ -240,3 +240,25 @@ def test_an_improving_round_is_kept(tmp_path):
     assert v["accepted"] == (v["good_after"] >= v["good_before"] and v["worst_class_change"] >= -0.1)
     lora = [p for n, p in gen.network.named_parameters() if "lora_B" in n]
     assert any(torch.count_nonzero(p) for p in lora) == v["accepted"]
+
+
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_reference_previous_makes_each_round_start_from_its_own_reference(tmp_path, lora_rank):
+    """reference=previous: after a kept round the reference (adapters off, or the frozen copy of a full
+    fine-tune) computes what the trained policy computes."""
+    from diffdpo.diffusion.models import adapters_disabled
+
+    gen = BoxGenerator()
+    x, t, c = torch.randn(6, 4), torch.full((6,), 500.0), torch.tensor([0, 1] * 3)
+    with torch.no_grad():
+        start = gen.predict(gen.network, x, t, c)
+    report = run_dso(_small_cfg(tmp_path, reference="previous", lora_rank=lora_rank, rounds=2), gen)
+    assert len(report["summaries"]) == 3  # round 2 trained against round 1's policy
+    with torch.no_grad():
+        policy = gen.predict(gen.network, x, t, c)
+        assert not torch.allclose(policy, start, atol=1e-4)  # the round trained something
+        if lora_rank:
+            with adapters_disabled(gen.network):
+                torch.testing.assert_close(gen.predict(gen.network, x, t, c), policy, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="reference"):
+        DSOConfig(reference="initial")
