@@ -104,11 +104,3 @@ class DiffusionConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     noise: NoiseSection = field(default_factory=NoiseSection)
     data: PickAPicSection = field(default_factory=PickAPicSection)
-    uncond_anchor: float = field(default=0.0, metadata=help_meta(
-        "weight of a penalty keeping the policy's unconditional (empty-prompt) prediction on the reference's, "
-        "at the winners' noised latents; classifier-free guidance (uncond + s * (cond - uncond)) amplifies "
-        "any drift of the unconditional branch, which DPO without prompt dropout never trains; 0 = off"))
-
-    def __post_init__(self) -> None:
-        if self.uncond_anchor < 0:
-            raise ValueError(f"diffusion.uncond_anchor must be >= 0, got {self.uncond_anchor}")

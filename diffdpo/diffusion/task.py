@@ -169,15 +169,7 @@ class DiffusionPreferenceTask:
         logp, ref_logp = mse_to_logp(mse, noised.weights), mse_to_logp(ref_mse, noised.weights)
         metrics = {"mse/policy_chosen": mse[:b].mean().detach(), "mse/policy_rejected": mse[b:].mean().detach(),
                    "mse/ref_chosen": ref_mse[:b].mean(), "mse/ref_rejected": ref_mse[b:].mean()}
-        aux = None
-        if self.cfg.uncond_anchor > 0:  # keep the unconditional branch where the reference has it
-            uncond = apply_prompt_dropout({k: v[:b] for k, v in cond.items()}, self.empty_cond,
-                                          torch.ones(b, dtype=torch.bool))
-            x_u, t_u = noised.x_t[:b], noised.timesteps[:b]
-            drift = per_sample_mse(unet_forward(model, x_u, t_u, uncond), self.reference(x_u, t_u, uncond))  # (B,)
-            aux = self.cfg.uncond_anchor * drift
-            metrics["mse/uncond_drift"] = drift.mean().detach()
-        return LogpsOut(logp[:b], logp[b:], ref_logp[:b], ref_logp[b:], metrics, aux_losses=aux)
+        return LogpsOut(logp[:b], logp[b:], ref_logp[:b], ref_logp[b:], metrics)
 
     def inputs(self, batch: dict[str, Any], keys: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Latents (B, 2, C, h, w) and UNet conditioning for the 2B images (winners first)."""
