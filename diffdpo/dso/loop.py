@@ -188,7 +188,7 @@ def rescue_items(cfg: DSOConfig, generator: Any, scored: Any, round_index: int, 
     if not lost:
         return [], counts, None
     need = Counter(c for c, _ in lost)
-    pool_conds = [c for c, k in sorted(need.items()) for _ in range(2 * k + 2)]  # ~half the training draws pass
+    pool_conds = [c for c, k in sorted(need.items()) for _ in range(2 * k + 2)]  # a third to half pass the gated reward
     seed = cfg.seed * 1000 + round_index
     pool = score_latents(generator, generator.training_latents(pool_conds, seed), pool_conds,
                          list(range(len(pool_conds))), groups=[-1] * len(pool_conds), sim_config=sim_config,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from diffdpo.config import help_meta
+from diffdpo.toy.pairs import PairSummary
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,11 +83,9 @@ def _evaluate(base_pipe: Any, tuned_pipe: Any, judge: Any, caps: list[str], seed
     return wr, attribute_accuracy(base_j), attribute_accuracy(tuned_j), base_imgs, tuned_imgs
 
 
-def reuse_pairs(path: str, train_caps: list[str], heldout_caps: list[str]) -> Any:
+def reuse_pairs(path: str, train_caps: list[str], heldout_caps: list[str]) -> PairSummary:
     """Summary of an existing pairs parquet; refuses one that contains a held-out caption."""
     import pandas as pd
-
-    from diffdpo.toy.pairs import PairSummary
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"pairs={path!r}: no such file (run the demo once without pairs= to write one)")
@@ -117,11 +116,12 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     judge = ShapesJudge(tie_margin=cfg.tie_margin)
     base_pipe = load_pipeline(cfg.base)
 
-    print(f"[1/4] sampling and judging pairs from the base model ({cfg.base})")
     train_caps, heldout_caps = split_captions(cfg.heldout_captions, cfg.seed)
     if cfg.pairs:
+        print(f"[1/4] reusing the pairs in {cfg.pairs} (no sampling)")
         pairs = reuse_pairs(cfg.pairs, train_caps, heldout_caps)
     else:
+        print(f"[1/4] sampling and judging pairs from the base model ({cfg.base})")
         pairs = make_pairs(
             base_pipe, judge, train_caps, cfg.pairs_per_caption, out / "pairs.parquet", seed=cfg.seed,
             steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, images_per_prompt=cfg.images_per_prompt,
