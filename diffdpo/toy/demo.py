@@ -1,10 +1,11 @@
 """`diffdpo demo`: Diffusion-DPO end to end on the shapes world, on a CPU, with no downloads.
 
 1. load the shipped base text-to-image model (``data/toy_t2i``, a diffusers pipeline folder);
-2. sample two images per prompt, label them with the programmatic judge (AI feedback), write the
+2. sample k images per prompt (best and worst form the pair), label them with the programmatic judge (AI feedback), write the
    pairs in the exact Pick-a-Pic v2 schema; some captions are held out of the pairs entirely;
 3. Diffusion-DPO with LoRA through the one training loop (:mod:`diffdpo.train`), reading the pairs
-   with the same Pick-a-Pic reader as real data;
+   with the same Pick-a-Pic reader as real data; with ``rounds > 1`` (online AI feedback) the tuned
+   model samples the next round's pairs and a fresh adapter trains on all pairs so far;
 4. evaluate tuned vs base on held-out seeds (same prompt and seed for both): win rate with a 95%
    Wilson interval and the tie rate, per-attribute accuracies before/after, and the win rate on the
    captions never seen in pairs; write a JSON report, an image grid and training curves.
@@ -39,7 +40,11 @@ class DemoConfig:
     pairs: str = field(default="", metadata=help_meta(
         "reuse this pairs parquet (e.g. an earlier run's out_dir/pairs.parquet, same seed and heldout_captions) "
         "instead of sampling new pairs; it must not contain a held-out caption"))
-    pairs_per_caption: int = field(default=40, metadata=help_meta("pairs sampled per training caption"))
+    pairs_per_caption: int = field(default=40, metadata=help_meta("pairs sampled per training caption (per round)"))
+    rounds: int = field(default=1, metadata=help_meta(
+        "online AI feedback: each round > 1 samples new pairs from the previous round's tuned model, the judge "
+        "labels them, and a fresh adapter trains on all pairs so far (reference: the base). Pairs from the tuned "
+        "model show the judge the model's own drift (e.g. green turning yellow) as losers"))
     images_per_prompt: int = field(default=6, metadata=help_meta(
         "images judged per pair; > 2 keeps the best and the worst (best-of-k pairing; 2 = Pick-a-Pic's "
         "two images per prompt). Measured: 2 -> 55% wins, 4 -> 64.5%, 6 -> 74%"))
@@ -53,6 +58,8 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.images_per_prompt < 2:
             raise ValueError(f"images_per_prompt must be >= 2, got {self.images_per_prompt}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.pairs_per_caption < 1 or self.eval_comparisons < 1 or self.eval_heldout_comparisons < 0:
             raise ValueError("pairs_per_caption and eval_comparisons must be >= 1, eval_heldout_comparisons >= 0")
 
@@ -81,6 +88,15 @@ def _evaluate(base_pipe: Any, tuned_pipe: Any, judge: Any, caps: list[str], seed
     base_j, tuned_j = judge.judge(base_imgs, caps), judge.judge(tuned_imgs, caps)
     wr = win_rate([j.score for j in tuned_j], [j.score for j in base_j], tie_margin=cfg.tie_margin)
     return wr, attribute_accuracy(base_j), attribute_accuracy(tuned_j), base_imgs, tuned_imgs
+
+
+def merge_pairs(parts: list[PairSummary], path: Path) -> PairSummary:
+    """One Pick-a-Pic parquet with the rows of every part (the pairs of all rounds so far)."""
+    import pandas as pd
+
+    pd.concat([pd.read_parquet(p.path) for p in parts], ignore_index=True).to_parquet(path, index=False)
+    rows, ties = sum(p.rows for p in parts), sum(p.ties for p in parts)
+    return PairSummary(rows, ties, rows - ties, str(path), parts[0].train_captions, [])
 
 
 def reuse_pairs(path: str, train_caps: list[str], heldout_caps: list[str]) -> PairSummary:
@@ -117,28 +133,39 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     base_pipe = load_pipeline(cfg.base)
 
     train_caps, heldout_caps = split_captions(cfg.heldout_captions, cfg.seed)
-    if cfg.pairs:
-        print(f"[1/4] reusing the pairs in {cfg.pairs} (no sampling)")
-        pairs = reuse_pairs(cfg.pairs, train_caps, heldout_caps)
-    else:
-        print(f"[1/4] sampling and judging pairs from the base model ({cfg.base})")
-        pairs = make_pairs(
-            base_pipe, judge, train_caps, cfg.pairs_per_caption, out / "pairs.parquet", seed=cfg.seed,
-            steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, images_per_prompt=cfg.images_per_prompt,
-        )
-    print(f"      {pairs.rows} pairs, {pairs.ties} ties (dropped by the reader), {len(heldout_caps)} captions held out")
+    sampler, sampled, rounds, train_s = base_pipe, [], [], 0.0
+    for r in range(1, cfg.rounds + 1):
+        tag = f"round {r}/{cfg.rounds}: " if cfg.rounds > 1 else ""
+        if r == 1 and cfg.pairs:
+            print(f"[1/4] {tag}reusing the pairs in {cfg.pairs} (no sampling)")
+            new = reuse_pairs(cfg.pairs, train_caps, heldout_caps)
+        else:
+            print(f"[1/4] {tag}sampling and judging pairs from the {'base' if r == 1 else f'round-{r - 1}'} model")
+            new = make_pairs(
+                sampler, judge, train_caps, cfg.pairs_per_caption,
+                out / ("pairs.parquet" if cfg.rounds == 1 else f"pairs_round{r}.parquet"), seed=cfg.seed + 1000 * (r - 1),
+                steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, images_per_prompt=cfg.images_per_prompt,
+            )
+        sampled.append(new)
+        print(f"      {new.rows} pairs, {new.ties} ties (dropped by the reader), {len(heldout_caps)} captions held out")
+        pairs = new if r == 1 else merge_pairs(sampled, out / f"pairs_rounds_1-{r}.parquet")
 
-    print("[2/4] Diffusion-DPO with LoRA (reference = adapters disabled)")
-    train_cfg = load_config(
-        TrainConfig, cfg.train_config,
-        [f"diffusion.model.pretrained={cfg.base}", f"diffusion.data.source={pairs.path}",
-         f"output_dir={out / 'train'}", f"diffusion.data.cache_dir={out / 'cache'}", f"seed={cfg.seed}",
-         *cfg.train_overrides],
-    )
-    shutil.rmtree(out / "cache", ignore_errors=True)  # the pairs were just re-sampled: encode them afresh
-    t_train = time.time()
-    result = train(train_cfg)
-    train_s = time.time() - t_train
+        print(f"[2/4] {tag}Diffusion-DPO with LoRA on {pairs.rows} pairs (reference = the base, adapters disabled)")
+        train_cfg = load_config(
+            TrainConfig, cfg.train_config,
+            [f"diffusion.model.pretrained={cfg.base}", f"diffusion.data.source={pairs.path}",
+             f"output_dir={out / ('train' if r == cfg.rounds else f'train_round{r}')}",
+             f"diffusion.data.cache_dir={out / 'cache'}", f"seed={cfg.seed + 1000 * (r - 1)}", *cfg.train_overrides],
+        )
+        shutil.rmtree(out / "cache", ignore_errors=True)  # the pairs were just (re-)sampled: encode them afresh
+        t_train = time.time()
+        result = train(train_cfg)
+        train_s += time.time() - t_train
+        rounds.append({"round": r, "new_pairs": new.rows, "new_ties": new.ties, "trained_on": pairs.rows,
+                       "steps": result.steps, "final_dir": str(result.final_dir)})
+        if r < cfg.rounds:
+            sampler = load_pipeline(cfg.base)
+            sampler.load_lora_weights(str(result.final_dir))
 
     print("[3/4] evaluating tuned vs base on held-out seeds (same prompt and seed for both)")
     tuned_pipe = load_pipeline(cfg.base)
@@ -158,6 +185,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         "pairs": pairs.to_dict() | {"heldout_captions": heldout_caps},
         "train": {"steps": result.steps, "seconds": round(train_s, 1), "final_dir": str(result.final_dir),
                   "nonfinite_steps": result.nonfinite_total, "config": train_cfg.output_dir},
+        "rounds": rounds,
         "win_rate": wr.to_dict(),
         "accuracy_base": acc_base,
         "accuracy_tuned": acc_tuned,
@@ -182,10 +210,12 @@ def format_summary(report: dict[str, Any]) -> str:
     def pct(x: float) -> str:
         return f"{100 * x:5.1f}%"
 
+    n_rounds = len(report.get("rounds", []))
     lines = [
         "",
         f"pairs used {p['decided']} (of {p['rows']} prompts, best and worst of "
-        f"{report['demo_config'].get('images_per_prompt', 2)} samples each; {p['ties']} ties dropped), "
+        f"{report['demo_config'].get('images_per_prompt', 2)} samples each; {p['ties']} ties dropped"
+        f"{f', over {n_rounds} rounds' if n_rounds > 1 else ''}), "
         f"steps {t['steps']} ({t['seconds']:.0f}s)",
         f"win rate tuned vs base  {pct(wr['rate'])}  95% CI [{pct(wr['ci_low'])}, {pct(wr['ci_high'])}]  "
         f"ties {pct(wr['tie_rate'])}  (W/T/L {wr['wins']}/{wr['ties']}/{wr['losses']}, n={wr['n']})",

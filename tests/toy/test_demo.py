@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from diffdpo.toy.demo import REPO_ROOT, DemoConfig, format_summary, run_demo
@@ -120,8 +121,16 @@ def test_shortened_demo_runs_and_writes_its_report(tmp_path):
         assert 0.0 <= report["accuracy_tuned"][key] <= 1.0
     assert result.grid_path.stat().st_size > 0 and result.curves_path.stat().st_size > 0
     assert "win rate tuned vs base" in format_summary(report)
-    # a second run trains on the first run's pairs instead of sampling new ones
+    # a second run reuses the first run's pairs for round 1, then samples round 2 from its own tuned
+    # model and trains a fresh adapter on both rounds' pairs
     again = run_demo(DemoConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "again"),
-                                   "pairs": report["pairs"]["path"]}))
-    assert again.report["pairs"]["rows"] == 48 and again.report["pairs"]["path"] == report["pairs"]["path"]
-    assert not (tmp_path / "again" / "pairs.parquet").exists()
+                                   "pairs": report["pairs"]["path"], "rounds": 2})).report
+    assert not (tmp_path / "again" / "pairs.parquet").exists()  # round 1 sampled nothing
+    assert [r["new_pairs"] for r in again["rounds"]] == [48, 48] and again["pairs"]["rows"] == 96
+    assert [r["trained_on"] for r in again["rounds"]] == [48, 96]
+    merged = pd.read_parquet(again["pairs"]["path"])
+    assert len(merged) == 96 and set(merged["caption"]) <= set(split_captions(12, 0)[0])
+    assert again["rounds"][0]["final_dir"] != again["rounds"][1]["final_dir"]
+    assert "over 2 rounds" in format_summary(again)
+    with pytest.raises(ValueError, match="rounds"):
+        DemoConfig(rounds=0)
