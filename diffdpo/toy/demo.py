@@ -40,8 +40,8 @@ class DemoConfig:
     pairs: str = field(default="", metadata=help_meta(
         "reuse this pairs parquet (e.g. an earlier run's out_dir/pairs.parquet, same seed and heldout_captions) "
         "instead of sampling new pairs; it must not contain a held-out caption"))
-    pairs_per_caption: int = field(default=40, metadata=help_meta("pairs sampled per training caption (per round)"))
-    rounds: int = field(default=1, metadata=help_meta(
+    pairs_per_caption: int = field(default=16, metadata=help_meta("pairs sampled per training caption (per round)"))
+    rounds: int = field(default=2, metadata=help_meta(
         "online AI feedback: each round > 1 samples new pairs from the previous round's tuned model, the judge "
         "labels them, and a fresh adapter trains on all pairs so far (reference: the base). Pairs from the tuned "
         "model show the judge the model's own drift (e.g. green turning yellow) as losers"))

@@ -108,7 +108,7 @@ def test_reused_pairs_are_counted_and_must_not_leak_held_out_captions(tmp_path):
 @pytest.mark.skipif(not (BASE / "model_index.json").is_file(), reason="shipped base checkpoint missing")
 def test_shortened_demo_runs_and_writes_its_report(tmp_path):
     cfg = DemoConfig(
-        out_dir=str(tmp_path / "demo"), pairs_per_caption=1, eval_comparisons=8, eval_heldout_comparisons=4,
+        out_dir=str(tmp_path / "demo"), pairs_per_caption=1, rounds=1, eval_comparisons=8, eval_heldout_comparisons=4,
         sample_steps=4, threads=1,
         train_overrides=["max_steps=2", "per_device_batch_size=4", "log_every=1", "progress_bar=false", "tensorboard=false"],
     )
