@@ -216,7 +216,7 @@ def format_summary(report: dict[str, Any]) -> str:
         f"pairs used {p['decided']} (of {p['rows']} prompts, best and worst of "
         f"{report['demo_config'].get('images_per_prompt', 2)} samples each; {p['ties']} ties dropped"
         f"{f', over {n_rounds} rounds' if n_rounds > 1 else ''}), "
-        f"steps {t['steps']} ({t['seconds']:.0f}s)",
+        f"steps {t['steps']}{' per round' if n_rounds > 1 else ''} ({t['seconds']:.0f}s in all)",
         f"win rate tuned vs base  {pct(wr['rate'])}  95% CI [{pct(wr['ci_low'])}, {pct(wr['ci_high'])}]  "
         f"ties {pct(wr['tie_rate'])}  (W/T/L {wr['wins']}/{wr['ties']}/{wr['losses']}, n={wr['n']})",
     ]
