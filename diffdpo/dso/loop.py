@@ -87,6 +87,10 @@ class DSOConfig:
     class_drop_tolerance: float = field(default=0.2, metadata=help_meta(
         "validation: the largest fall in one class's good share that still accepts a round (0.2 is about two "
         "standard errors at 96 samples before and 48 after)"))
+    backtrack: int = field(default=0, metadata=help_meta(
+        "validation: when a round's update is rejected, try up to this many shorter steps along it (half, "
+        "a quarter, ... of the update, each validated afresh on new seeds) before reverting it: a line search "
+        "over the round's update instead of all or nothing; 0 = revert at once, at most 4"))
     sample_steps: int = field(default=25, metadata=help_meta("sampler steps (DDIM or Euler)"))
     threads: int = field(default=1, metadata=help_meta("torch CPU threads"))
     grid_samples: int = field(default=4, metadata=help_meta("objects per class in the before/after render"))
@@ -97,6 +101,8 @@ class DSOConfig:
     def __post_init__(self) -> None:
         if self.reference not in ("base", "previous"):
             raise ValueError(f"reference must be 'base' or 'previous', got {self.reference!r}")
+        if not 0 <= self.backtrack <= 4:
+            raise ValueError(f"backtrack must be in [0, 4] (each try has its own block of validation seeds), got {self.backtrack}")
         if self.validate_per_class < 0 or not 0.0 <= self.class_drop_tolerance <= 1.0:
             raise ValueError("validate_per_class must be >= 0 and class_drop_tolerance in [0, 1]")
         if self.rescue_pairs < 0:
@@ -216,13 +222,17 @@ def rescue_items(cfg: DSOConfig, generator: Any, scored: Any, round_index: int, 
 
 
 def validation_samples(cfg: DSOConfig, generator: Any, round_index: int, *, bank: Any = None,
-                       sim_config: Any = None) -> Any:
+                       sim_config: Any = None, block: int = 0) -> Any:
     """``validate_per_class`` scored and labelled samples per class at seeds disjoint from the
-    training seeds (offset 500,000 within the round's block) and from the held-out eval seeds."""
+    training seeds (offset 500,000 + 100,000 x ``block`` within the round's block) and from the
+    held-out eval seeds."""
     from diffdpo.dso.evaluate import score_samples
 
     m, n_cond = cfg.validate_per_class, len(generator.condition_names)
-    seeds = [cfg.seed * 1_000_000_000 + round_index * 1_000_000 + 500_000 + c * 10_000 + i
+    if m > 10_000 or n_cond > 10 or not 0 <= block <= 4:
+        raise ValueError(f"validation seeds need validate_per_class <= 10000 (got {m}), at most 10 classes (got {n_cond}) "
+                         f"and block in [0, 4] (got {block}): otherwise the seed blocks overlap")
+    seeds = [cfg.seed * 1_000_000_000 + round_index * 1_000_000 + 500_000 + block * 100_000 + c * 10_000 + i
              for c in range(n_cond) for i in range(m)]
     val = score_samples(generator, [c for c in range(n_cond) for _ in range(m)], seeds, sim_config=sim_config,
                         workers=cfg.sim.workers, bank=bank)
@@ -247,6 +257,38 @@ def accept_round(cfg: DSOConfig, before: list[dict[str, Any]], after: list[dict[
     ok = mean_1 >= mean_0 and worst >= -cfg.class_drop_tolerance
     return ok, {"accepted": ok, "good_before": round(mean_0, 4), "good_after": round(mean_1, 4),
                 "worst_class_change": round(worst, 4)}
+
+
+def validate_update(cfg: DSOConfig, generator: Any, trainable: list[Any], before: list[Any],
+                    train_records: list[dict[str, Any]], round_index: int, *, bank: Any = None,
+                    sim_config: Any = None) -> tuple[Any, dict[str, Any]]:
+    """Validate the round's update (the trainable parameters now, against ``before``) and, if
+    :func:`accept_round` rejects it, try ``cfg.backtrack`` shorter steps along it, each with fresh
+    validation seeds: the parameters become ``before + f * (after - before)`` for f = 1/2, 1/4, ...
+    The first accepted step is kept; if none is, the parameters are restored to ``before``.
+    Returns the last validation samples and the decision (``"step"``: the fraction kept, 0 if reverted;
+    ``"tries"``: each try's fraction and decision)."""
+    after = [p.detach().clone() for p in trainable]
+    tries: list[dict[str, Any]] = []
+    frac, val, decision = 1.0, None, {}
+    for k in range(cfg.backtrack + 1):
+        if k:
+            frac /= 2
+            with torch.no_grad():
+                for p, p0, p1 in zip(trainable, before, after):
+                    p.copy_(p0 + frac * (p1 - p0))
+        # try 0 uses the round's validation seeds; each retry its own block, so no step is judged on
+        # the samples that rejected the previous one
+        val = validation_samples(cfg, generator, round_index, bank=bank, sim_config=sim_config, block=k)
+        accepted, decision = accept_round(cfg, train_records, val.records)
+        tries.append({"step": frac, **decision})
+        if accepted:
+            break
+    else:
+        with torch.no_grad():
+            for p, p0 in zip(trainable, before):
+                p.copy_(p0)
+    return val, {**decision, "step": frac if decision["accepted"] else 0.0, "tries": tries}
 
 
 def attach_aux(cfg: DSOConfig, generator: Any, items: list[dict[str, Any]], scored: Any, round_index: int) -> None:
@@ -404,6 +446,12 @@ def _train_config(cfg: DSOConfig, out_dir: Path, round_index: int, n_items: int)
                        checkpoint_every=0, log_every=10, optim=cfg.optim, loss=cfg.loss)
 
 
+def _decision(validation: dict[str, Any]) -> str:
+    if not validation["accepted"]:
+        return f"reverted after {len(validation['tries'])} tries" if len(validation["tries"]) > 1 else "reverted"
+    return "kept" if validation["step"] == 1.0 else f"kept {validation['step']:g} of the update"
+
+
 def run_dso(cfg: DSOConfig, generator: Any = None, bank: Any = None) -> dict[str, Any]:
     """Run the loop; returns the report (also written to ``output_dir/report.json``)."""
     import sim
@@ -469,12 +517,8 @@ def run_dso(cfg: DSOConfig, generator: Any = None, bank: Any = None) -> dict[str
             history = train(_train_config(cfg, rdir / "train", r, len(items)), task).history
             train_s = time.time() - t_train
             if cfg.validate_per_class > 0:
-                val = validation_samples(cfg, generator, r, bank=bank, sim_config=sim_cfg)
-                accepted, validation = accept_round(cfg, scored.records, val.records)
-                if not accepted:
-                    with torch.no_grad():
-                        for p, p0 in zip(trainable, before):
-                            p.copy_(p0)
+                val, validation = validate_update(cfg, generator, trainable, before, scored.records, r, bank=bank,
+                                                  sim_config=sim_cfg)
         kept = bool(items) and (not validation or validation["accepted"])
         if kept and cfg.reference == "previous":  # the next round's reference is this round's policy
             if frozen is None:
@@ -507,7 +551,7 @@ def run_dso(cfg: DSOConfig, generator: Any = None, bank: Any = None) -> dict[str
         if validation:
             print(f"[dso] round {r}: good share {validation['good_before']:.3f} -> {validation['good_after']:.3f} "
                   f"(worst class {validation['worst_class_change']:+.3f}): "
-                  f"{'kept' if validation['accepted'] else 'reverted'}")
+                  f"{_decision(validation)}")
         print(f"[dso] round {r}: {counts}, train-set stable {scored.summary['stable_rate']:.3f}, eval stable "
               f"{ev.summary['stable_rate']:.3f}, fidelity {ev.summary.get('fidelity', float('nan')):.3f} "
               f"({time.time() - t0:.0f}s)")

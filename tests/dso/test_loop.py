@@ -243,6 +243,43 @@ def test_an_improving_round_is_kept(tmp_path):
     assert any(torch.count_nonzero(p) for p in lora) == v["accepted"]
 
 
+class _TooFarIsWorse(BoxGenerator):
+    """The box world, except that a step knob above 0.3 knocks every upper box off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.knob = torch.nn.Parameter(torch.zeros(()))
+
+    def sample(self, conditions, seeds):
+        x = super().sample(conditions, seeds)
+        if self.knob.item() > 0.3:
+            x[:, 3] = 1.0
+        return x
+
+
+@pytest.mark.parametrize("backtrack, step, knob", [(0, 0.0, 0.0), (1, 0.0, 0.0), (2, 0.25, 0.25)])
+def test_a_rejected_update_is_backtracked_to_a_shorter_step(backtrack, step, knob):
+    """The update moves the knob 0 -> 1; the world breaks above 0.3, so 1 and 1/2 are rejected and 1/4 is kept."""
+    from diffdpo.dso.loop import validate_update, validation_samples
+
+    gen = _TooFarIsWorse()
+    cfg = DSOConfig(validate_per_class=8, backtrack=backtrack, min_fidelity=0.0, require_recognised=False)
+    before_val = validation_samples(cfg, gen, 1)
+    good_before = sum(r["label"] for r in before_val.records)
+    assert 0 < good_before < 16  # the untouched world has stable and unstable boxes
+    with torch.no_grad():
+        gen.knob.fill_(1.0)
+    val, v = validate_update(cfg, gen, [gen.knob], [torch.zeros(())], before_val.records, 1)
+    assert v["step"] == step and gen.knob.item() == pytest.approx(knob)
+    assert [t["step"] for t in v["tries"]] == [1.0, 0.5, 0.25][: min(backtrack, 2) + 1]
+    assert v["accepted"] == (step > 0) and [t["accepted"] for t in v["tries"]][:2] == [False] * min(2, backtrack + 1)
+    assert len(val.records) == 16
+    if step:  # the kept step was judged on its own seeds, not on the ones that rejected the full step
+        assert {r["seed"] for r in val.records}.isdisjoint({r["seed"] for r in before_val.records})
+    with pytest.raises(ValueError, match="backtrack"):
+        DSOConfig(backtrack=5)
+
+
 @pytest.mark.parametrize("lora_rank", [4, 0])
 def test_reference_previous_makes_each_round_start_from_its_own_reference(tmp_path, lora_rank):
     """reference=previous: after a kept round the reference (adapters off, or the frozen copy of a full
