@@ -50,7 +50,10 @@ class DemoConfig:
         "two images per prompt). Measured: 2 -> 55% wins, 4 -> 64.5%, 6 -> 74%"))
     eval_comparisons: int = field(default=200, metadata=help_meta("same-seed comparisons over all captions"))
     eval_heldout_comparisons: int = field(default=96, metadata=help_meta("same-seed comparisons on held-out captions"))
-    sample_steps: int = field(default=15, metadata=help_meta("DDIM steps per sample"))
+    sample_steps: int = field(default=15, metadata=help_meta("DDIM steps per evaluation sample"))
+    pair_steps: int = field(default=10, metadata=help_meta(
+        "DDIM steps per pair sample (the 9,216 pair images are most of the demo's time; measured on the base: "
+        "10 steps judge as well as 15, 97.5% vs 96.3% all-attributes-right, at 0.6x the time)"))
     guidance_scale: float = field(default=3.0, metadata=help_meta("classifier-free guidance scale"))
     tie_margin: float = field(default=0.1, metadata=help_meta("judge score difference at or below which a pair is a tie"))
     threads: int = field(default=2, metadata=help_meta("torch CPU threads"))
@@ -60,6 +63,8 @@ class DemoConfig:
             raise ValueError(f"images_per_prompt must be >= 2, got {self.images_per_prompt}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.sample_steps < 1 or self.pair_steps < 1:
+            raise ValueError(f"sample_steps and pair_steps must be >= 1, got {self.sample_steps}, {self.pair_steps}")
         if self.pairs_per_caption < 1 or self.eval_comparisons < 1 or self.eval_heldout_comparisons < 0:
             raise ValueError("pairs_per_caption and eval_comparisons must be >= 1, eval_heldout_comparisons >= 0")
 
@@ -144,7 +149,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
             new = make_pairs(
                 sampler, judge, train_caps, cfg.pairs_per_caption,
                 out / ("pairs.parquet" if cfg.rounds == 1 else f"pairs_round{r}.parquet"), seed=cfg.seed + 1000 * (r - 1),
-                steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, images_per_prompt=cfg.images_per_prompt,
+                steps=cfg.pair_steps, guidance_scale=cfg.guidance_scale, images_per_prompt=cfg.images_per_prompt,
             )
         sampled.append(new)
         print(f"      {new.rows} pairs, {new.ties} ties (dropped by the reader), {len(heldout_caps)} captions held out")
