@@ -208,6 +208,23 @@ def test_accept_round_compares_good_shares_overall_and_per_class():
     assert ok  # within a looser tolerance
     ok, info = accept_round(cfg, before, recs({0: [True, False, False, False], 1: [True, False, False, False]}))
     assert not ok and info["good_after"] == 0.25  # worse overall
+    assert "worst_class_recognised_change" not in info  # no fidelity measurements: not checked
+
+    # with fidelity measurements: class 0 keeps its (low) good share but stops being recognised
+    def with_rec(goods, recognised):
+        out = recs(goods)
+        for r, k in zip(out, [k for c in goods for k in recognised[c]]):
+            r["recognised"] = float(k)
+        return out
+
+    goods = {0: [True, False, False, False], 1: [True, True, False, False]}
+    rec_before = with_rec(goods, {0: [1, 1, 1, 0], 1: [1, 1, 1, 1]})
+    ok, info = accept_round(cfg, rec_before, with_rec(goods, {0: [1, 1, 0, 0], 1: [1, 1, 1, 1]}))
+    assert not ok and info["worst_class_change"] == 0.0 and info["worst_class_recognised_change"] == -0.25
+    ok, info = accept_round(cfg, rec_before, with_rec(goods, {0: [1, 1, 1, 0], 1: [1, 1, 1, 0]}))
+    assert not ok and info["worst_class_recognised_change"] == -0.25  # class 1: 1.0 -> 0.75
+    ok, info = accept_round(cfg, rec_before, with_rec(goods, {0: [1, 1, 1, 1], 1: [1, 1, 1, 1]}))
+    assert ok and info["worst_class_recognised_change"] == 0.0
 
 
 class _WorseWhenTrained(BoxGenerator):
