@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from diffdpo.toy.demo import REPO_ROOT, DemoConfig, format_summary, run_demo
+from diffdpo.toy.demo import REPO_ROOT, DemoConfig, format_summary, run_demo, tuned_pipeline
 from diffdpo.toy.pairs import make_pairs, split_captions
 from diffdpo.toy.shapes import Scene, all_captions, render
+from diffdpo.toy.t2i import load_pipeline
 
 BASE = REPO_ROOT / "data" / "toy_t2i"
 
@@ -121,6 +123,18 @@ def test_shortened_demo_runs_and_writes_its_report(tmp_path):
         assert 0.0 <= report["accuracy_tuned"][key] <= 1.0
     assert result.grid_path.stat().st_size > 0 and result.curves_path.stat().st_size > 0
     assert "win rate tuned vs base" in format_summary(report)
+    assert set(report["seconds_by_phase"]) == {"sampling_and_judging_pairs", "training", "evaluation"}
+    assert sum(report["seconds_by_phase"].values()) <= report["seconds"]
+    # the fused adapter (what the demo samples and evaluates with) predicts what the unfused one does
+    base, unfused = load_pipeline(BASE), load_pipeline(BASE)
+    unfused.load_lora_weights(report["train"]["final_dir"])
+    fused = tuned_pipeline(str(BASE), report["train"]["final_dir"])
+    g = torch.Generator().manual_seed(0)
+    x, emb = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 8, base.unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        out = [p.unet(x, torch.tensor([500, 100]), emb).sample for p in (base, unfused, fused)]
+    moved = (out[1] - out[0]).abs().max()
+    assert moved > 1e-6 and (out[2] - out[1]).abs().max() < 1e-2 * moved  # fusing twice would be off by 1x
     # a second run reuses the first run's pairs for round 1, then samples round 2 from its own tuned
     # model and trains a fresh adapter on both rounds' pairs
     again = run_demo(DemoConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "again"),
