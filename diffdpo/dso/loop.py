@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,9 @@ class DSOConfig:
     steps_per_round: int = field(default=60, metadata=help_meta("optimizer steps per round"))
     epochs_per_round: float = field(default=0.0, metadata=help_meta(
         "if > 0: steps = epochs x items / batch_size, at most steps_per_round (fewer pairs -> fewer steps)"))
+    lr_decay_per_round: float = field(default=1.0, metadata=help_meta(
+        "round r trains at optim.lr x lr_decay_per_round^(r-1): later rounds start from a moved adapter and a "
+        "fresh Adam state, so the same lr moves them further (1.0 = the same lr every round)"))
     batch_size: int = field(default=8, metadata=help_meta("pairs (or samples) per step"))
     lora_rank: int = field(default=8, metadata=help_meta("LoRA rank; 0 = full fine-tune with a frozen copy as reference"))
     lora_alpha: float = field(default=8.0, metadata=help_meta("LoRA alpha"))
@@ -102,6 +105,8 @@ class DSOConfig:
     def __post_init__(self) -> None:
         if self.reference not in ("base", "previous"):
             raise ValueError(f"reference must be 'base' or 'previous', got {self.reference!r}")
+        if not 0.0 < self.lr_decay_per_round <= 1.0:
+            raise ValueError(f"lr_decay_per_round must be in (0, 1], got {self.lr_decay_per_round}")
         if not 0 <= self.backtrack <= 4:
             raise ValueError(f"backtrack must be in [0, 4] (each try has its own block of validation seeds), got {self.backtrack}")
         if self.validate_per_class < 0 or not 0.0 <= self.class_drop_tolerance <= 1.0:
@@ -454,7 +459,8 @@ def _train_config(cfg: DSOConfig, out_dir: Path, round_index: int, n_items: int)
 
     return TrainConfig(output_dir=str(out_dir), seed=cfg.seed * 1000 + round_index, max_steps=round_steps(cfg, n_items),
                        per_device_batch_size=min(cfg.batch_size, n_items), tensorboard=False, progress_bar=False,
-                       checkpoint_every=0, log_every=10, optim=cfg.optim, loss=cfg.loss)
+                       checkpoint_every=0, log_every=10, loss=cfg.loss,
+                       optim=replace(cfg.optim, lr=cfg.optim.lr * cfg.lr_decay_per_round ** (round_index - 1)))
 
 
 def _decision(validation: dict[str, Any]) -> str:

@@ -317,3 +317,14 @@ def test_reference_previous_makes_each_round_start_from_its_own_reference(tmp_pa
                 torch.testing.assert_close(gen.predict(gen.network, x, t, c), policy, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="reference"):
         DSOConfig(reference="initial")
+
+
+def test_lr_decays_per_round_in_the_training_config(tmp_path):
+    from diffdpo.dso.loop import _train_config
+
+    cfg = DSOConfig(lr_decay_per_round=0.5, steps_per_round=10)
+    lrs = [_train_config(cfg, tmp_path, r, 80).optim.lr for r in (1, 2, 3)]
+    assert lrs == pytest.approx([1e-3, 5e-4, 2.5e-4]) and cfg.optim.lr == 1e-3  # the config itself is untouched
+    assert _train_config(DSOConfig(), tmp_path, 3, 80).optim.lr == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="lr_decay_per_round"):
+        DSOConfig(lr_decay_per_round=0.0)
