@@ -58,18 +58,12 @@ class DemoConfig:
     guidance_scale: float = field(default=3.0, metadata=help_meta("classifier-free guidance scale"))
     tie_margin: float = field(default=0.1, metadata=help_meta("judge score difference at or below which a pair is a tie"))
     threads: int = field(default=2, metadata=help_meta("torch CPU threads"))
-    sample_workers: int = field(default=1, metadata=help_meta(
-        "processes that sample the pair images, sharing the threads (same images); for machines with many "
-        "cores, where one process does not scale on this tiny model. On 2 cores it made no difference: "
-        "39.6 vs 38.5 ms per image, and 519 vs 512 s for the whole demo"))
 
     def __post_init__(self) -> None:
         if self.images_per_prompt < 2:
             raise ValueError(f"images_per_prompt must be >= 2, got {self.images_per_prompt}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
-        if self.sample_workers < 1:
-            raise ValueError(f"sample_workers must be >= 1, got {self.sample_workers}")
         if self.sample_steps < 1 or self.pair_steps < 1:
             raise ValueError(f"sample_steps and pair_steps must be >= 1, got {self.sample_steps}, {self.pair_steps}")
         if self.pairs_per_caption < 1 or self.eval_comparisons < 1 or self.eval_heldout_comparisons < 0:
@@ -176,7 +170,6 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
                 sampler, judge, train_caps, cfg.pairs_per_caption,
                 out / ("pairs.parquet" if cfg.rounds == 1 else f"pairs_round{r}.parquet"), seed=cfg.seed + 1000 * (r - 1),
                 steps=cfg.pair_steps, guidance_scale=cfg.guidance_scale, images_per_prompt=cfg.images_per_prompt,
-                workers=cfg.sample_workers,
             )
             pairs_s += time.time() - t_pairs
         sampled.append(new)

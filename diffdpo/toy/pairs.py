@@ -65,11 +65,9 @@ def make_pairs(
     guidance_scale: float = 3.0,
     progress: bool = True,
     images_per_prompt: int = 2,
-    workers: int = 1,
 ) -> PairSummary:
     """Sample ``images_per_prompt`` images per (caption, repeat) from ``pipe``, score them with ``judge``,
-    keep the best and the worst as the pair (for 2: both, in sampling order), write Pick-a-Pic parquet.
-    ``workers`` > 1 samples in that many processes (:func:`diffdpo.toy.t2i.sample_images`)."""
+    keep the best and the worst as the pair (for 2: both, in sampling order), write Pick-a-Pic parquet."""
     from diffdpo.data import write_pickapic_parquet
     from diffdpo.toy.t2i import sample_images
 
@@ -82,7 +80,7 @@ def make_pairs(
     # image j of prompt i uses seed base + k*i + j: all k*n images in one sampling pass
     images = sample_images(
         pipe, [c for c in caps for _ in range(k)], [base_seed + m for m in range(k * n)],
-        steps=steps, guidance_scale=guidance_scale, progress=progress, desc="sampling pairs", workers=workers,
+        steps=steps, guidance_scale=guidance_scale, progress=progress, desc="sampling pairs",
     )
     scores = np.asarray(judge(images, [c for c in caps for _ in range(k)]), dtype=np.float64).reshape(n, k)
     rows, ties = [], 0

@@ -269,34 +269,7 @@ def make_pipeline(components: Any) -> Any:
     return pipe
 
 
-def _sample_batch(pipe: Any, caps: list[str], sds: list[int], steps: int, guidance_scale: float) -> np.ndarray:
-    # per-image initial noise from its own seed, so results do not depend on batching
-    latents = torch.stack(
-        [torch.randn((4, RESOLUTION // 2, RESOLUTION // 2), generator=torch.Generator().manual_seed(int(s))) for s in sds]
-    )
-    with torch.no_grad():
-        images = pipe(
-            caps, height=RESOLUTION, width=RESOLUTION, num_inference_steps=steps, guidance_scale=guidance_scale,
-            latents=latents, output_type="np",
-        ).images  # (n, H, W, 3) float in [0, 1]
-    return np.clip(np.rint(images * 255), 0, 255).astype(np.uint8)
-
-
-_WORKER_PIPE: Any = None
-
-
-def _init_worker(pipe_bytes: bytes, threads: int) -> None:
-    import pickle
-
-    global _WORKER_PIPE
-    torch.set_num_threads(threads)
-    _WORKER_PIPE = pickle.loads(pipe_bytes)  # this process's own pipeline, pickled by the parent below
-
-
-def _worker_batch(job: tuple[list[str], list[int], int, float]) -> np.ndarray:
-    return _sample_batch(_WORKER_PIPE, *job)
-
-
+@torch.no_grad()
 def sample_images(
     pipe: Any,
     captions: Sequence[str],
@@ -307,47 +280,25 @@ def sample_images(
     batch_size: int = 128,
     progress: bool = False,
     desc: str = "sampling",
-    workers: int = 1,
 ) -> np.ndarray:
-    """(N, H, W, 3) uint8 images, one per (caption, seed); image i depends only on its caption and seed.
-
-    ``workers > 1`` samples the batches in that many spawned processes, splitting this process's torch
-    threads between them (at least one each): the toy model's steps are too small for many threads to
-    share one well. On 2 cores it made no difference (one 2-thread process: 38.5 ms per image, two
-    1-thread processes: 39.6). The images are the same either way up to float rounding (see the tests)."""
+    """(N, H, W, 3) uint8 images, one per (caption, seed); image i depends only on its caption and seed."""
     from tqdm.auto import tqdm
 
     if len(captions) != len(seeds):
         raise ValueError(f"got {len(captions)} captions but {len(seeds)} seeds")
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    jobs = [(list(captions[i : i + batch_size]), [int(s) for s in seeds[i : i + batch_size]], steps, guidance_scale)
-            for i in range(0, len(captions), batch_size)]
-    bar = tqdm(total=len(jobs), desc=desc, disable=not progress, unit="batch")
     out = []
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing as mp
-        import pickle
-
-        threads = max(1, torch.get_num_threads() // workers)
-        # plain pickle copies the weights (a few MB); the multiprocessing pickler would share tensor
-        # storage through shared memory, which leaks a semaphore at exit
-        init = (pickle.dumps(pipe), threads)
-        pool, done = mp.get_context("spawn").Pool(min(workers, len(jobs)), _init_worker, init), False
-        try:
-            for images in pool.imap(_worker_batch, jobs):
-                out.append(images)
-                bar.update()
-            done = True
-        finally:
-            # on success let the workers exit on their own: terminate() can leave a semaphore behind
-            pool.close() if done else pool.terminate()
-            pool.join()
-    else:
-        for job in jobs:
-            out.append(_sample_batch(pipe, *job))
-            bar.update()
-    bar.close()
+    starts = range(0, len(captions), batch_size)
+    for i in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
+        caps, sds = list(captions[i : i + batch_size]), list(seeds[i : i + batch_size])
+        # per-image initial noise from its own seed, so results do not depend on batching
+        latents = torch.stack(
+            [torch.randn((4, RESOLUTION // 2, RESOLUTION // 2), generator=torch.Generator().manual_seed(int(s))) for s in sds]
+        )
+        images = pipe(
+            caps, height=RESOLUTION, width=RESOLUTION, num_inference_steps=steps, guidance_scale=guidance_scale,
+            latents=latents, output_type="np",
+        ).images  # (n, H, W, 3) float in [0, 1]
+        out.append(np.clip(np.rint(images * 255), 0, 255).astype(np.uint8))
     return np.concatenate(out) if out else np.zeros((0, RESOLUTION, RESOLUTION, 3), np.uint8)
 
 

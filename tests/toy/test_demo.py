@@ -111,7 +111,7 @@ def test_reused_pairs_are_counted_and_must_not_leak_held_out_captions(tmp_path):
 def test_shortened_demo_runs_and_writes_its_report(tmp_path):
     cfg = DemoConfig(
         out_dir=str(tmp_path / "demo"), pairs_per_caption=1, rounds=1, eval_comparisons=8, eval_heldout_comparisons=4,
-        sample_steps=4, pair_steps=3, threads=1, sample_workers=2,
+        sample_steps=4, pair_steps=3, threads=1,
         train_overrides=["max_steps=2", "per_device_batch_size=4", "log_every=1", "progress_bar=false", "tensorboard=false"],
     )
     result = run_demo(cfg)

@@ -38,19 +38,6 @@ def test_coordinate_channels_break_translation_symmetry():
     assert not torch.allclose(out[..., :4], out[..., 4:].flip(-1))  # left and right halves differ
 
 
-def test_sampling_in_worker_processes_draws_the_same_images():
-    pipe = make_pipeline(build_components(0))
-    caps = ["a red circle on the left", "a blue square on the top", "a green triangle on the right"] * 3
-    seeds = list(range(9))
-    alone = sample_images(pipe, caps, seeds, steps=2, batch_size=4)
-    split = sample_images(pipe, caps, seeds, steps=2, batch_size=4, workers=2)  # batches of 4, 4, 1 in two processes
-    assert split.shape == alone.shape == (9, 16, 16, 3)
-    assert np.abs(split.astype(int) - alone.astype(int)).max() <= 1  # float rounding across processes at most
-    assert (split != alone).mean() < 0.01
-    with pytest.raises(ValueError, match="workers"):
-        sample_images(pipe, caps, seeds, workers=0)
-
-
 @pytest.mark.parametrize(("coord", "cls"), [(False, "UNet2DConditionModel"), (True, "CoordUNet2DConditionModel")])
 def test_save_load_round_trip_and_training_loader(tmp_path, coord, cls):
     c = build_components(0, coord_channels=coord)
