@@ -567,8 +567,10 @@ def run_dso(cfg: DSOConfig, generator: Any = None, bank: Any = None) -> dict[str
                     f"{cfg.loss.type} round {r}: base vs after (green = stable)")
         if validation:
             print(f"[dso] round {r}: good share {validation['good_before']:.3f} -> {validation['good_after']:.3f} "
-                  f"(worst class {validation['worst_class_change']:+.3f}): "
-                  f"{_decision(validation)}")
+                  f"(worst class {validation['worst_class_change']:+.3f}"
+                  + (f", worst class recognised {validation['worst_class_recognised_change']:+.3f}"
+                     if "worst_class_recognised_change" in validation else "")
+                  + f"): {_decision(validation)}")
         print(f"[dso] round {r}: {counts}, train-set stable {scored.summary['stable_rate']:.3f}, eval stable "
               f"{ev.summary['stable_rate']:.3f}, fidelity {ev.summary.get('fidelity', float('nan')):.3f} "
               f"({time.time() - t0:.0f}s)")
