@@ -55,14 +55,16 @@ def _centred(size: int) -> tuple[int, int]:
 
 
 def make_table(rng: np.random.Generator) -> np.ndarray:
-    """A slab top on legs. Failure modes: legs missing on one side, legs clustered under an overhang."""
+    """A slab top on legs: four legs (2 in 5), legs missing on one side (2 in 5) or clustered under an
+    overhang (1 in 5). 44% stand in simulation, within the other classes' 35-61% (the first world drew four
+    legs 1 in 4 times: 27% stood, and no DSO recipe made tables stable without leaving the data)."""
     occ = np.zeros((GRID,) * 3, dtype=bool)
     w, d = _ri(rng, 9, 14), _ri(rng, 6, 11)
     h, t, leg = _ri(rng, 5, 9), _ri(rng, 1, 2), 2
     x0, x1 = _centred(w)
     y0, y1 = _centred(d)
     _box(occ, (x0, x1), (y0, y1), (h, h + t))
-    mode = rng.choice(["four", "missing", "missing", "clustered"])
+    mode = rng.choice(["four", "four", "missing", "missing", "clustered"])
     inset = _ri(rng, 0, 2)
     xs, ys = [x0 + inset, x1 - inset - leg], [y0 + inset, y1 - inset - leg]
     corners = [(x, y) for x in xs for y in ys]

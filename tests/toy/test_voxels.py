@@ -31,6 +31,19 @@ def test_every_class_has_variety_and_the_world_has_a_fair_share_of_unstable_obje
         assert grids[:, 0].any(axis=(1, 2)).all()  # every object rests on the ground
 
 
+def test_every_class_is_between_30_and_70_percent_stable_in_simulation():
+    # Per class, not only overall: a class whose data is mostly unstable makes "stable and still of its
+    # class" a reward the generator can only earn by leaving its data. The first world's tables were
+    # 26% stable here and were the class every DSO run failed on (docs/dso.md, "The second world");
+    # now 48%, and the least stable class (lamps) 36%.
+    objects = make_objects(100, seed=3)
+    results = sim.score_meshes([occupancy_to_mesh(o.occupancy) for o in objects], workers=0)
+    labels = np.array([o.label for o in objects])
+    stable = np.array([r.valid and r.stable for r in results])
+    per_class = {CLASSES[c]: stable[labels == c].mean() for c in range(len(CLASSES))}
+    assert all(0.3 <= v <= 0.7 for v in per_class.values()), per_class
+
+
 def test_objects_are_reproducible_from_the_seed():
     a, b = make_objects(3, seed=1), make_objects(3, seed=1)
     assert all(np.array_equal(x.occupancy, y.occupancy) for x, y in zip(a, b))
@@ -75,7 +88,8 @@ def test_a_legless_floating_top_is_measured_as_the_slab_the_simulator_sees():
 
     table = make_objects(1, seed=0, classes=[0])[0].occupancy
     top_only = table.copy()
-    top_only[: np.nonzero(table.sum(axis=(1, 2)) > 10)[0][0]] = False  # remove the legs, keep the top in the air
+    top_only[: int(table.sum(axis=(1, 2)).argmax())] = False  # remove the legs (below the widest layer, the top)
+    assert top_only.sum() < table.sum()
     decoded = decoded_occupancy(top_only)
     assert decoded[0].any() and decoded.sum() == top_only.sum()  # dropped onto the ground
     bank = ShapeBank(make_objects(20, seed=0, classes=[0]))
