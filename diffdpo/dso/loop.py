@@ -12,9 +12,12 @@ for several rounds). Round 0 evaluates the shipped base on fixed held-out seeds;
    :mod:`diffdpo.losses` (the adapter is kept across rounds; the reference is the base with adapters
    off, or with ``reference=previous`` the policy the round started from: the adapter is folded into
    the weights after each kept round);
-5. evaluates on the held-out seeds.
+5. with ``validate_per_class > 0`` (the default recipe), samples fresh validation seeds and keeps the
+   update only if the good share did not fall and no class's good or recognised share fell by more
+   than ``class_drop_tolerance``, else tries shorter steps along it (``backtrack``) or undoes it;
+6. evaluates on the held-out seeds.
 
-Outputs in ``output_dir``: ``round_XX/scores.parquet`` (train and eval samples of the round),
+Outputs in ``output_dir``: ``round_XX/scores.parquet`` (train, eval and validation samples of the round),
 ``round_XX/report.json``, ``report.json`` (all rounds), ``stability.png`` (stable rate, mean angle,
 fidelity and size per round), ``grid_round_XX.png`` (depth renders, base vs round r, same seeds).
 """
