@@ -264,15 +264,15 @@ def accept_round(cfg: DSOConfig, before: list[dict[str, Any]], after: list[dict[
     carry ``recognised`` (fidelity measurements), no class's recognised share fell by more than that
     either. The last check sees a class losing its identity while its good share was already low
     (measured: lamps recognised 70% -> 19% in one round while their good share fell only 0.19)."""
-    mean_0, per_0 = good_rates(before)
-    mean_1, per_1 = good_rates(after)
-    worst = min(per_1.get(c, 0.0) - v for c, v in per_0.items())
+    def worst_class_change(key: str) -> tuple[float, float, float]:  # (overall before, after, worst class change)
+        (mean_0, per_0), (mean_1, per_1) = good_rates(before, key), good_rates(after, key)
+        return mean_0, mean_1, min(per_1.get(c, 0.0) - v for c, v in per_0.items())
+
+    mean_0, mean_1, worst = worst_class_change("label")
     ok = mean_1 >= mean_0 and worst >= -cfg.class_drop_tolerance
     info = {"good_before": round(mean_0, 4), "good_after": round(mean_1, 4), "worst_class_change": round(worst, 4)}
     if before and after and "recognised" in before[0] and "recognised" in after[0]:
-        _, rec_0 = good_rates(before, "recognised")
-        _, rec_1 = good_rates(after, "recognised")
-        worst_rec = min(rec_1.get(c, 0.0) - v for c, v in rec_0.items())
+        worst_rec = worst_class_change("recognised")[2]
         ok = ok and worst_rec >= -cfg.class_drop_tolerance
         info["worst_class_recognised_change"] = round(worst_rec, 4)
     return ok, {"accepted": ok, **info}
@@ -288,14 +288,18 @@ def validate_update(cfg: DSOConfig, generator: Any, trainable: list[Any], before
     Returns the last validation samples and the decision (``"step"``: the fraction kept, 0 if reverted;
     ``"tries"``: each try's fraction and decision)."""
     after = [p.detach().clone() for p in trainable]
+
+    def set_step(f: float) -> None:  # parameters = before + f * (after - before); f = 0 reverts
+        with torch.no_grad():
+            for p, p0, p1 in zip(trainable, before, after):
+                p.copy_(p0 + f * (p1 - p0))
+
     tries: list[dict[str, Any]] = []
     frac, val, decision = 1.0, None, {}
     for k in range(cfg.backtrack + 1):
         if k:
             frac /= 2
-            with torch.no_grad():
-                for p, p0, p1 in zip(trainable, before, after):
-                    p.copy_(p0 + frac * (p1 - p0))
+            set_step(frac)
         # try 0 uses the round's validation seeds; each retry its own block, so no step is judged on
         # the samples that rejected the previous one
         val = validation_samples(cfg, generator, round_index, bank=bank, sim_config=sim_config, block=k)
@@ -304,9 +308,7 @@ def validate_update(cfg: DSOConfig, generator: Any, trainable: list[Any], before
         if accepted:
             break
     else:
-        with torch.no_grad():
-            for p, p0 in zip(trainable, before):
-                p.copy_(p0)
+        set_step(0.0)
     return val, {**decision, "step": frac if decision["accepted"] else 0.0, "tries": tries}
 
 
