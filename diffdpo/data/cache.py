@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from diffdpo.data.pickapic import PickAPicPairs
+from diffdpo.data.pairs import PickAPicPairs
 
 logger = logging.getLogger(__name__)
 

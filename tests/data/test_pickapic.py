@@ -64,7 +64,7 @@ def test_winner_first_by_pixel_content(pairs_file: Path):
 
 def test_corrupt_rows_give_none_and_are_named(pairs_file: Path, caplog):
     ds = PickAPicPairs(pairs_file, 16)
-    with caplog.at_level(logging.WARNING, logger="diffdpo.data.pickapic"):
+    with caplog.at_level(logging.WARNING, logger="diffdpo.data.pairs"):
         items = [ds[i] for i in range(len(ds))]
     assert [it is None for it in items] == [False, False, True, True, False]
     assert ds.stats.corrupt == 2
@@ -79,7 +79,7 @@ def test_corrupt_rows_give_none_and_are_named(pairs_file: Path, caplog):
 def test_corrupt_warnings_are_capped(tmp_path: Path, caplog):
     rows = [dict(caption=f"bad {i}", jpg_0=b"junk", jpg_1=b"junk2", label_0=1.0, label_1=0.0) for i in range(12)]
     ds = PickAPicPairs(write_pickapic_parquet(tmp_path / "bad.parquet", rows), 8)
-    with caplog.at_level(logging.WARNING, logger="diffdpo.data.pickapic"):
+    with caplog.at_level(logging.WARNING, logger="diffdpo.data.pairs"):
         assert all(ds[i] is None for i in range(12))
     assert ds.stats.corrupt == 12 and len(ds.stats.corrupt_rows) == 12
     assert len(caplog.records) == 5 and "only counted" in caplog.records[-1].getMessage()
