@@ -211,8 +211,10 @@ def build_cache(c: Any, batch: Batch, device: torch.device, dtype: torch.dtype) 
 def our_recipe(unet: Any, scheduler: Any, kind: str, cache: Cache, batch: Batch, device: torch.device,
                dtype: torch.dtype, checkpointing: bool, lora_rank: int = 8) -> Callable[[], float]:
     """Cached latents/embeddings, LoRA, adapter-disabled reference, diffdpo.losses; no VAE or text encoder."""
+    from diffdpo.adapters import add_lora_from
     from diffdpo.diffusion.conditioning import sdxl_time_ids, unet_forward
-    from diffdpo.diffusion.models import Reference, add_lora
+    from diffdpo.diffusion.config import DiffusionLoraConfig
+    from diffdpo.diffusion.models import Reference
     from diffdpo.diffusion.schedule import (
         build_schedule,
         mse_to_logp,
@@ -230,7 +232,7 @@ def our_recipe(unet: Any, scheduler: Any, kind: str, cache: Cache, batch: Batch,
         crops = batch.crop_top_lefts.transpose(0, 1).reshape(-1, 2)
         cond["time_ids"] = sdxl_time_ids(sizes, crops, (res, res)).to(device)
     unet = unet.to(device, dtype)
-    params = add_lora(unet, rank=lora_rank)
+    params = add_lora_from(unet, DiffusionLoraConfig(enabled=True, rank=lora_rank))
     if checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()

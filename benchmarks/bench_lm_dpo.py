@@ -47,7 +47,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def build_model(vocab_size: int, seed: int = 0) -> Any:
-    from diffdpo.lm.tiny import build_model as tiny_model
+    from diffdpo.toy.tiny_lm import build_model as tiny_model
 
     return tiny_model(vocab_size, hidden_size=256, layers=4, seed=seed, intermediate_size=688, num_attention_heads=8,
                       num_key_value_heads=4, max_position_embeddings=1024)
@@ -55,7 +55,7 @@ def build_model(vocab_size: int, seed: int = 0) -> Any:
 
 def make_rows(n: int, seed: int, prompt_len: tuple[int, int], completion_len: tuple[int, int]) -> list[dict]:
     """Pairs of random word sequences of the tiny world's vocabulary, lengths uniform in the given ranges."""
-    from diffdpo.lm.tiny import SPECIALS, vocabulary
+    from diffdpo.toy.tiny_lm import SPECIALS, vocabulary
 
     words = [w for w in vocabulary() if w not in SPECIALS]
     rng = random.Random(seed)
@@ -136,14 +136,13 @@ def build_trl(model: Any, tokenizer: Any, rows: list[dict], batch_size: int, lor
 
 def build_ours(model: Any, tokenizer: Any, rows: list[dict], batch_size: int, lora: bool, tmp: Path,
                layout: str) -> Side:
-    from diffdpo.config import load_config
     from diffdpo.lm.task import LMPreferenceTask
-    from diffdpo.train import TrainConfig, setup, train_step
+    from diffdpo.train import load_train_config, setup, train_step
 
     tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_config(TrainConfig, None, [
+    cfg = load_train_config(None, [
         "task=lm", f"output_dir={tmp / 'ours'}", f"per_device_batch_size={batch_size}", "optim.lr=1e-5",
         "optim.weight_decay=0.0", "optim.lr_scheduler=constant", "optim.max_grad_norm=1.0", "loss.type=sigmoid",
         "loss.beta=0.1", "tensorboard=false", "progress_bar=false", "checkpoint_every=0", "lm.model.pretrained=model",
@@ -239,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     import datasets
 
     datasets.disable_progress_bars()
-    from diffdpo.lm.tiny import build_tokenizer
+    from diffdpo.toy.tiny_lm import build_tokenizer
 
     tokenizer = build_tokenizer()
     n_batches = min(args.steps + args.warmup, 4)

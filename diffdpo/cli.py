@@ -60,7 +60,7 @@ def _register_losses(sub: argparse._SubParsersAction) -> None:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from diffdpo.config import load_config
-    from diffdpo.toy.demo import DemoConfig, run_demo
+    from diffdpo.recipes.demo import DemoConfig, run_demo
 
     run_demo(load_config(DemoConfig, args.config, args.overrides))
     return 0
@@ -99,7 +99,7 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_dso(args: argparse.Namespace) -> int:
-    from diffdpo.dso.loop import main as dso_main
+    from diffdpo.recipes.dso.loop import main as dso_main
 
     return dso_main(args.config, args.overrides)
 

@@ -39,28 +39,59 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     Unknown keys are errors (a typo must not be silently ignored); values are type-checked by
     OmegaConf against the dataclass annotations, then ``cls.__post_init__`` validates them.
     """
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
+    errors = (OmegaConfBaseException, ValueError, TypeError, yaml.YAMLError)
+    where = "the defaults"
     try:
         merged = OmegaConf.structured(cls)
         if path is not None:
             path = Path(path)
+            where = repr(str(path))
             if not path.is_file():
                 raise ConfigError(f"config file {str(path)!r} does not exist")
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         if overrides:
+            where = "the command line" + (f" (over {str(path)!r})" if path is not None else "")
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(_parse_overrides(overrides)))
+        where = repr(str(path)) if path is not None else "the command line"
+        if overrides and path is not None:
+            where = f"{str(path)!r} with the command-line overrides"
         cfg = OmegaConf.to_object(merged)
-    except (OmegaConfBaseException, ValueError, TypeError) as exc:
+    except errors as exc:
         # ValueError/TypeError come from the dataclass's own __post_init__ validation.
         if isinstance(exc, ConfigError):
             raise
-        where = f" in {str(path)!r}" if path is not None else ""
-        raise ConfigError(f"invalid config{where}: {exc}") from exc
+        raise ConfigError(f"invalid config in {where}: {' '.join(str(exc).split())}") from exc
     return cfg  # type: ignore[return-value]
+
+
+def peek_key(path: str | Path | None, overrides: Sequence[str], key: str, default: Any = None) -> Any:
+    """The value of top-level ``key`` in the YAML at ``path`` with ``overrides`` applied (before the full
+    load: the value decides which config class to build, e.g. a training config's ``task``)."""
+    import yaml
+
+    value = default
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {' '.join(str(exc).split())}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+        value = data.get(key, value)
+    for item in _parse_overrides(overrides):
+        name, _, raw = item.partition("=")
+        if name.strip() == key:
+            value = yaml.safe_load(raw) if raw else raw
+    return value
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""The one training loop shared by every modality (diffusion now; 3D generators and LMs plug in).
+"""The one training loop shared by every modality; it imports none of them.
 
-A modality is a :class:`PreferenceTask`: it owns the trainable module, the dataset and a
+A modality is a :class:`diffdpo.task.PreferenceTask`, found by name in the task registry
+(:mod:`diffdpo.task`): it owns the trainable module, the dataset and a
 ``compute(model, batch, keys)`` that returns per-sample log-likelihoods (or proxies) of the policy and
 the reference. The loop turns them into a loss with :mod:`diffdpo.losses` (never a private copy), and
 does everything else: accelerate (mixed precision, DDP/DeepSpeed/FSDP via ``accelerate launch``),
@@ -24,15 +25,20 @@ import os
 import random
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import torch
 
 from diffdpo.config import help_meta
-from diffdpo.diffusion.config import DiffusionConfig
-from diffdpo.lm.config import LMConfig
+from diffdpo.task import (
+    LogpsOut,
+    PointwiseLogpsOut,
+    PreferenceTask,
+    TaskContext,
+    get_task,
+)
 
 # ------------------------------------------------------------------------------------------------
 # config
@@ -56,19 +62,27 @@ class OptimConfig:
     warmup_steps: int = field(default=0, metadata=help_meta("warmup optimizer steps"))
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
-            raise ValueError("optim: lr must be > 0, warmup_steps and max_grad_norm >= 0")
+        if not (math.isfinite(self.lr) and self.lr > 0) or self.warmup_steps < 0 or not self.max_grad_norm >= 0:
+            raise ValueError(f"optim: lr must be a finite number > 0 (got {self.lr}), warmup_steps and "
+                             "max_grad_norm >= 0")
         if len(self.betas) != 2:
             raise ValueError(f"optim.betas must have two values, got {self.betas}")
 
 
 @dataclass
 class LossConfig:
+    """Every loss hyperparameter, mapped onto :mod:`diffdpo.losses` in one place (:meth:`loss_kwargs`)."""
+
     type: str = field(default="sigmoid", metadata=help_meta("a preference loss (sigmoid, ipo, ...) or pointwise (kto, dro, ...)"))
-    beta: float = field(default=5000.0, metadata=help_meta("beta of diffdpo.losses; the Diffusion-DPO beta (5000) as is"))
+    beta: float | None = field(default=None, metadata=help_meta("beta of diffdpo.losses; None = the task's default (diffusion 5000, lm 0.1)"))
     label_smoothing: float = field(default=0.0, metadata=help_meta("label smoothing / flip rate (cdpo, robust, ...)"))
     f_divergence: str = field(default="reverse_kl", metadata=help_meta("f-DPO divergence"))
     f_alpha: float = field(default=0.5, metadata=help_meta("alpha of the alpha-divergence"))
+    ipo_length_normalize: bool = field(default=True, metadata=help_meta("IPO: divide summed log-ratios by completion length (TRL)"))
+    simpo_gamma: float = field(default=0.5, metadata=help_meta("SimPO target reward margin"))
+    kto_desirable_weight: float = field(default=1.0, metadata=help_meta("KTO lambda_D"))
+    kto_undesirable_weight: float = field(default=1.0, metadata=help_meta("KTO lambda_U"))
+    dro_anchored: bool = field(default=False, metadata=help_meta("dso_dro: the bounded reference-anchored variant"))
 
     def __post_init__(self) -> None:
         from diffdpo.losses import POINTWISE_LOSS_TYPES, PREFERENCE_LOSS_TYPES
@@ -77,13 +91,42 @@ class LossConfig:
             raise ValueError(
                 f"loss.type={self.type!r} is unknown; use one of {', '.join(PREFERENCE_LOSS_TYPES + POINTWISE_LOSS_TYPES)}"
             )
-        if self.beta <= 0:
-            raise ValueError(f"loss.beta must be > 0, got {self.beta}")
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"loss.beta must be a finite number > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if min(self.kto_desirable_weight, self.kto_undesirable_weight) <= 0:
+            raise ValueError("loss.kto_desirable_weight and loss.kto_undesirable_weight must be > 0")
+
+    @property
+    def pointwise(self) -> bool:
+        from diffdpo.losses import POINTWISE_LOSS_TYPES
+
+        return self.type in POINTWISE_LOSS_TYPES
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``preference_loss`` / ``pointwise_loss`` for this type (beta included)."""
+        if self.beta is None:
+            raise ValueError("loss.beta is not set and the task has no default beta: set loss.beta")
+        if self.pointwise:
+            extra: dict[str, Any] = {}
+            if self.type == "kto":
+                extra = {"desirable_weight": self.kto_desirable_weight, "undesirable_weight": self.kto_undesirable_weight}
+            elif self.type == "dso_dro":
+                extra = {"anchored": self.dro_anchored}
+            return {"loss_type": self.type, "beta": self.beta, **extra}
+        out: dict[str, Any] = {"loss_type": self.type, "beta": self.beta, "label_smoothing": self.label_smoothing,
+                               "f_divergence": self.f_divergence, "f_alpha": self.f_alpha}
+        if self.type == "simpo":
+            out["simpo_gamma"] = self.simpo_gamma
+        return out
 
 
 @dataclass
 class TrainConfig:
-    task: Literal["diffusion", "lm"] = field(default="diffusion", metadata=help_meta("which modality supplies the log-likelihoods"))
+    """The loop's settings; :func:`train_config_class` adds the chosen task's section (named after it)."""
+
+    task: str = field(default="diffusion", metadata=help_meta("registered task (diffusion, lm, tiny_lm, ...) or package.module:name"))
     output_dir: str = field(default="runs/diffusion_dpo", metadata=help_meta("logs, checkpoints and final weights go here"))
     seed: int = field(default=0, metadata=help_meta("seed of data order, noise, timesteps and prompt dropout"))
     max_steps: int = field(default=2000, metadata=help_meta("optimizer steps"))
@@ -101,8 +144,7 @@ class TrainConfig:
     checkpoint_every: int = field(default=500, metadata=help_meta("save a resumable checkpoint every N steps; 0 = never"))
     checkpoints_total_limit: int = field(default=3, metadata=help_meta("keep only the newest N checkpoints; 0 = all"))
     checkpoint_weights: bool = field(
-        default=True,
-        metadata=help_meta("also export usable weights into each checkpoint (LoRA: small; a full UNet doubles its size)"),
+        default=True, metadata=help_meta("also export usable weights into each checkpoint (LoRA: small; full: large)")
     )
     resume_from: str | None = field(default=None, metadata=help_meta("checkpoint folder, or 'latest' in output_dir"))
     max_consecutive_nonfinite: int = field(
@@ -110,8 +152,6 @@ class TrainConfig:
     )
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    lm: LMConfig = field(default_factory=LMConfig)
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
@@ -120,111 +160,69 @@ class TrainConfig:
             raise ValueError("max_consecutive_nonfinite and log_every must be >= 1")
 
 
-# ------------------------------------------------------------------------------------------------
-# the task protocol
+_CONFIG_CLASSES: dict[tuple[str, type], type] = {}
 
 
-@dataclass
-class LogpsOut:
-    """Per-pair log-likelihoods (or proxies) from a paired task; each tensor is [B]."""
-
-    policy_chosen: torch.Tensor
-    policy_rejected: torch.Tensor
-    ref_chosen: torch.Tensor | None
-    ref_rejected: torch.Tensor | None
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached batch means
-    loss_kwargs: dict[str, Any] = field(default_factory=dict)  # per-type extras, e.g. IPO ``chosen_lengths``
-    # optional [B] term the loop adds to the per-pair losses, e.g. a denoising (SFT) regulariser
-    aux_losses: torch.Tensor | None = None
-
-    @property
-    def size(self) -> int:
-        return int(self.policy_chosen.shape[0])
+def train_config_class(task: str) -> type:
+    """``TrainConfig`` plus one field named after ``task`` holding that task's config section."""
+    spec = get_task(task)
+    key = (spec.name, spec.config_class)
+    if key not in _CONFIG_CLASSES:
+        section = (spec.name, spec.config_class, field(default_factory=spec.config_class))
+        cls = make_dataclass(f"TrainConfig_{spec.name}", [section], bases=(TrainConfig,))
+        cls.__module__ = __name__
+        _CONFIG_CLASSES[key] = cls
+    return _CONFIG_CLASSES[key]
 
 
-@dataclass
-class PointwiseLogpsOut:
-    """Per-sample log-likelihoods with labels, for KTO/DRO-style losses; each tensor is [B]."""
+def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """A training config from YAML + ``key=value`` overrides, with only the chosen task's section.
 
-    policy: torch.Tensor
-    ref: torch.Tensor | None
-    labels: torch.Tensor
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
-    loss_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. DRO ``values``
-    aux_losses: torch.Tensor | None = None  # optional [B] term added to the per-sample losses
+    The task is read first (``task:`` in the file, or ``task=`` on the command line); a section of
+    another task is an error. ``loss.beta`` left out takes the task's default beta.
+    """
+    from diffdpo.config import ConfigError, load_config, peek_key
 
-    @property
-    def size(self) -> int:
-        return int(self.policy.shape[0])
-
-
-@runtime_checkable
-class PreferenceTask(Protocol):
-    """What a modality provides to the loop. ``keys`` are stable per-sample integers (epoch and dataset
-    index) from which the task seeds its per-sample randomness, so results do not depend on batch
-    size, accumulation, process count or resumption."""
-
-    def trainable_module(self) -> torch.nn.Module: ...
-    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
-    def dataset(self) -> Any: ...
-    def collate(self, items: list[Any]) -> Any: ...
-    def compute(self, model: torch.nn.Module, batch: Any, keys: torch.Tensor) -> LogpsOut | PointwiseLogpsOut: ...
-    def state_dict(self) -> dict[str, torch.Tensor]: ...
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
-    def export(self, out_dir: Path) -> None: ...
-
-
-def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable tensors of ``module`` by name (LoRA adapters, or every weight of a full fine-tune)."""
-    return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy ``state`` into ``module``'s parameters; every trainable tensor must be present."""
-    params = dict(module.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-    if missing:
-        raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[:3]}")
-    unknown = [n for n in state if n not in params]
-    if unknown:
-        raise KeyError(f"checkpoint has {len(unknown)} tensors this model does not, e.g. {unknown[:3]}")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
+    name = str(peek_key(path, overrides, "task", default=TrainConfig.task))
+    try:
+        spec = get_task(name)
+    except ValueError as exc:
+        where = f"invalid config in {str(path)!r}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from exc
+    cfg = load_config(train_config_class(name), path, overrides)
+    if cfg.loss.beta is None:
+        cfg.loss.beta = spec.default_beta
+    return cfg
 
 
 def build_task(cfg: TrainConfig, accelerator: Any) -> PreferenceTask:
-    """The modality named by ``cfg.task`` (the one place variants are chosen)."""
-    if cfg.task == "diffusion":
-        from diffdpo.diffusion.task import DiffusionPreferenceTask
-
-        return DiffusionPreferenceTask(cfg.diffusion, accelerator=accelerator, seed=cfg.seed,
-                                       gradient_checkpointing=cfg.gradient_checkpointing)
-    if cfg.task == "lm":
-        from diffdpo.lm.task import LMPreferenceTask
-
-        return LMPreferenceTask(cfg.lm, loss_type=cfg.loss.type, accelerator=accelerator, seed=cfg.seed,
-                                per_device_batch_size=cfg.per_device_batch_size,
-                                gradient_checkpointing=cfg.gradient_checkpointing)
-    raise ValueError(f"unknown task {cfg.task!r}")
+    """The task ``cfg.task`` names, built by its registered factory from its own config section."""
+    spec = get_task(cfg.task)
+    section = getattr(cfg, spec.name, None)
+    if section is None:
+        raise ValueError(f"the config has no {spec.name!r} section; load it with load_train_config")
+    context = TaskContext(accelerator=accelerator, seed=cfg.seed, loss_type=cfg.loss.type,
+                          per_device_batch_size=cfg.per_device_batch_size,
+                          gradient_checkpointing=cfg.gradient_checkpointing)
+    return spec.factory(section, context)
 
 
 def apply_loss(out: LogpsOut | PointwiseLogpsOut, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-sample losses [B] and detached batch-mean metrics, from :mod:`diffdpo.losses`."""
-    from diffdpo.losses import POINTWISE_LOSS_TYPES, pointwise_loss, preference_loss
+    from diffdpo.losses import pointwise_loss, preference_loss
 
+    kwargs = cfg.loss_kwargs()
     if isinstance(out, PointwiseLogpsOut):
-        if cfg.type not in POINTWISE_LOSS_TYPES:
+        if not cfg.pointwise:
             raise ValueError(f"the task gives pointwise log-likelihoods; loss.type={cfg.type!r} needs pairs")
-        res = pointwise_loss(out.policy, out.ref, out.labels, loss_type=cfg.type, beta=cfg.beta, **out.loss_kwargs)
+        res = pointwise_loss(out.policy, out.ref, out.labels, **kwargs, **out.loss_inputs)
         return res.losses, res.metrics()
-    if cfg.type in POINTWISE_LOSS_TYPES:
+    if cfg.pointwise:
         raise ValueError(f"the task gives pairs; loss.type={cfg.type!r} is pointwise")
-    res = preference_loss(
-        out.policy_chosen, out.policy_rejected, out.ref_chosen, out.ref_rejected, loss_type=cfg.type,
-        beta=cfg.beta, label_smoothing=cfg.label_smoothing, f_divergence=cfg.f_divergence, f_alpha=cfg.f_alpha,
-        **out.loss_kwargs,
-    )
+    if cfg.type == "ipo" and cfg.ipo_length_normalize and out.chosen_lengths is not None:
+        kwargs.update(chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths)
+    res = preference_loss(out.policy_chosen, out.policy_rejected, out.ref_chosen, out.ref_rejected,
+                          **kwargs, **out.loss_inputs)
     return res.losses, res.metrics()
 
 
@@ -633,6 +631,10 @@ def setup(cfg: TrainConfig, task: PreferenceTask | None = None) -> Trainer:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    if cfg.loss.beta is None:
+        if task is not None:
+            raise ValueError("loss.beta must be set when a task object is handed to the loop")
+        cfg.loss.beta = get_task(cfg.task).default_beta
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
     task = task if task is not None else build_task(cfg, accelerator)
@@ -695,9 +697,7 @@ def train(cfg: TrainConfig, task: PreferenceTask | None = None) -> TrainResult:
 
 def main(config_path: str | None, overrides: Sequence[str] = ()) -> int:
     """Entry point of ``diffdpo train --config PATH key=value ...``."""
-    from diffdpo.config import load_config
-
-    cfg = load_config(TrainConfig, config_path, overrides)
+    cfg = load_train_config(config_path, overrides)
     result = train(cfg)
     print(f"trained {result.steps} steps; weights in {result.final_dir}"
           + (f"; {result.nonfinite_total} non-finite steps skipped" if result.nonfinite_total else ""))

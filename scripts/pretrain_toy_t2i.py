@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from diffdpo.config import load_config
-from diffdpo.rewards.shapes_judge import ShapesJudge, attribute_accuracy
 from diffdpo.toy.shapes import all_captions
+from diffdpo.toy.shapes_judge import ShapesJudge, attribute_accuracy
 from diffdpo.toy.t2i import (
     ToyT2IConfig,
     build_components,

@@ -39,9 +39,9 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_generator(gen, out, {"pretrain": config_dict(cfg), **stats})
 
-    from diffdpo.dso.evaluate import evaluate_generator, reference_bank
+    from diffdpo.dso.evaluate import evaluate_generator
 
-    bank = reference_bank()
+    bank = gen.reference_bank()
     report = {"config": config_dict(cfg), **stats, "torch": torch.__version__,
               "base": evaluate_generator(gen, bank, cfg.eval_per_class).summary}
     (out / "base_report.json").write_text(json.dumps(report, indent=2))

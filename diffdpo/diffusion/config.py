@@ -1,11 +1,14 @@
-"""Config dataclasses of the diffusion task (the ``diffusion:`` section of a training config)."""
+"""Config dataclasses of the diffusion task (the ``diffusion:`` section of a training config), and the
+task's registry entry (:data:`TASK`, declared as a ``diffdpo.tasks`` entry point)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+from diffdpo.adapters import LoraConfig
 from diffdpo.config import help_meta
+from diffdpo.task import TaskContext, TaskSpec
 
 
 @dataclass
@@ -36,11 +39,7 @@ class DiffusionModelConfig:
 
 
 @dataclass
-class LoraSection:
-    enabled: bool = field(default=False, metadata=help_meta("train LoRA adapters (reference = adapters disabled)"))
-    rank: int = field(default=8, metadata=help_meta("LoRA rank r"))
-    alpha: float | None = field(default=None, metadata=help_meta("LoRA alpha; None = rank (scale 1)"))
-    dropout: float = field(default=0.0, metadata=help_meta("LoRA dropout"))
+class DiffusionLoraConfig(LoraConfig):
     target_modules: list[str] = field(
         default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"], metadata=help_meta("UNet modules to adapt")
     )
@@ -48,13 +47,9 @@ class LoraSection:
         default=False, metadata=help_meta("full fine-tune only: keep the frozen reference UNet on CPU (streamed per layer)")
     )
 
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"diffusion.lora.rank must be >= 1, got {self.rank}")
-
 
 @dataclass
-class NoiseSection:
+class NoiseConfig:
     share_noise: bool = field(
         default=True, metadata=help_meta("winner and loser share t and noise (official Diffusion-DPO); false decouples")
     )
@@ -70,7 +65,7 @@ class NoiseSection:
 
 
 @dataclass
-class PickAPicSection:
+class PickAPicConfig:
     source: str = field(
         default="data/pickapic_v2/train",
         metadata=help_meta("Pick-a-Pic v2 parquet file or folder of shards (caption, jpg_0, jpg_1, label_0, label_1, ...)"),
@@ -80,7 +75,7 @@ class PickAPicSection:
     random_flip: bool = field(default=True, metadata=help_meta("horizontal flip with p=0.5, same for both images"))
     drop_ties: bool = field(default=True, metadata=help_meta("drop pairs labelled 0.5/0.5"))
     model_filter: list[str] | None = field(default=None, metadata=help_meta("keep pairs whose model_0/model_1 are in this list"))
-    max_rows: int | None = field(default=None, metadata=help_meta("read at most this many rows"))
+    max_rows: int | None = field(default=None, metadata=help_meta("keep at most this many pairs (rows read until then)"))
     validate_images: bool = field(default=False, metadata=help_meta("decode every image once at start-up"))
     prompt_dropout: float = field(default=0.0, metadata=help_meta("probability of replacing a caption by '' (official SD1.5: 0.2)"))
     cache_dir: str | None = field(
@@ -101,6 +96,17 @@ class PickAPicSection:
 @dataclass
 class DiffusionConfig:
     model: DiffusionModelConfig = field(default_factory=DiffusionModelConfig)
-    lora: LoraSection = field(default_factory=LoraSection)
-    noise: NoiseSection = field(default_factory=NoiseSection)
-    data: PickAPicSection = field(default_factory=PickAPicSection)
+    lora: DiffusionLoraConfig = field(default_factory=DiffusionLoraConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    data: PickAPicConfig = field(default_factory=PickAPicConfig)
+
+
+def _build_task(cfg: DiffusionConfig, context: TaskContext) -> Any:
+    from diffdpo.diffusion.task import DiffusionPreferenceTask
+
+    return DiffusionPreferenceTask(cfg, accelerator=context.accelerator, seed=context.seed,
+                                   gradient_checkpointing=context.gradient_checkpointing)
+
+
+TASK = TaskSpec("diffusion", DiffusionConfig, _build_task, default_beta=5000.0,
+                description="Diffusion-DPO on SD1.5/SDXL UNets from Pick-a-Pic-style pairs (beta 5000 as the paper)")

@@ -10,28 +10,15 @@ Saved LoRA weights use the diffusers format read by ``StableDiffusionPipeline.lo
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from diffdpo.adapters import adapters_disabled, has_lora, tuner_layers
 from diffdpo.diffusion.conditioning import Conditioner, ModelKind, unet_forward
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def resolve_dtype(name: str, default: torch.dtype = torch.float32) -> torch.dtype:
-    """``"float32" | "float16" | "bfloat16"`` (or fp32/fp16/bf16); ``"auto"`` -> ``default``."""
-    if name == "auto":
-        return default
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)} or 'auto'")
-    return DTYPES[name]
 
 
 @dataclass
@@ -134,72 +121,6 @@ def conditioner_from(components: DiffusionComponents, latent_mode: str = "mode")
                        latent_mode)  # type: ignore[arg-type]
 
 
-DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
-
-
-def add_lora(unet: Any, rank: int = 8, alpha: float | None = None,
-             target_modules: Sequence[str] = DEFAULT_LORA_TARGETS, dropout: float = 0.0) -> list[torch.nn.Parameter]:
-    """Attach a trainable LoRA adapter (Hu et al. 2021) to ``unet`` via diffusers/peft and freeze the rest.
-
-    Gaussian init of A and zero B, so the adapted UNet starts exactly equal to the base (step-0 loss is
-    ln 2). Trainable parameters are kept in float32 whatever the base dtype. Returns them.
-    """
-    from peft import LoraConfig
-
-    unet.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
-                        init_lora_weights="gaussian", target_modules=list(target_modules))
-    unet.add_adapter(config)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    return params
-
-
-def has_lora(unet: Any) -> bool:
-    return bool(getattr(unet, "_hf_peft_config_loaded", False))
-
-
-def tuner_layers(unet: Any) -> list[Any]:
-    """The peft adapter layers of ``unet`` (found once; toggling them directly skips a module walk per step)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
-
-
-@torch.no_grad()
-def fold_adapters(model: Any) -> int:
-    """Add every LoRA adapter's update into its base layer's weight and zero the adapter's B matrix.
-
-    The model computes the same function before and after (adapters on); afterwards the adapter-
-    disabled model *is* that function, so a reference "with adapters disabled" becomes the current
-    policy (iterative DPO, where each round's reference is the previous round's model). A is kept,
-    so the next round starts from the usual LoRA state (B = 0). Returns the number of folded adapters.
-    """
-    folded = 0
-    for layer in tuner_layers(model):
-        for name in list(getattr(layer, "lora_A", {}).keys()):
-            base = layer.get_base_layer()
-            base.weight.add_(layer.get_delta_weight(name).to(base.weight.dtype))
-            layer.lora_B[name].weight.zero_()
-            folded += 1
-    return folded
-
-
-@contextlib.contextmanager
-def adapters_disabled(unet: Any, layers: Sequence[Any] | None = None) -> Iterator[Any]:
-    """Within the block ``unet`` computes the base model (LoRA adapters off); restored on exit.
-
-    Same effect as diffusers' ``unet.disable_adapters()`` / ``enable_adapters()``, on ``layers`` if given.
-    """
-    layers = tuner_layers(unet) if layers is None else layers
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield unet
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
 
 
 class Reference:

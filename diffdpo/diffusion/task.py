@@ -1,4 +1,4 @@
-"""Diffusion-DPO as a :class:`diffdpo.train.PreferenceTask`: per-pair ELBO log-likelihood proxies.
+"""Diffusion-DPO as a :class:`diffdpo.task.PreferenceTask`: per-pair ELBO log-likelihood proxies.
 
 For a batch of B pairs (Wallace et al. 2023, arXiv 2311.12908, Alg. 1 / eq. 14):
 
@@ -7,7 +7,7 @@ For a batch of B pairs (Wallace et al. 2023, arXiv 2311.12908, Alg. 1 / eq. 14):
 2. one ``t`` and one noise draw per pair, shared by winner and loser; ``x_t`` of shape (2B, C, h, w);
 3. one policy forward over all 2B inputs, one reference forward under ``no_grad`` (adapters disabled
    for LoRA, a frozen copy otherwise);
-4. ``logp = -0.5 * w(t) * mse`` per image -> :class:`diffdpo.train.LogpsOut`. The loss itself comes
+4. ``logp = -0.5 * w(t) * mse`` per image -> :class:`diffdpo.task.LogpsOut`. The loss itself comes
    from :mod:`diffdpo.losses` in the training loop.
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from diffdpo.adapters import add_lora_from, has_lora, mixed_precision_dtype, resolve_dtype
 from diffdpo.diffusion.conditioning import (
     TEXT_KEYS,
     Conditioner,
@@ -29,11 +30,8 @@ from diffdpo.diffusion.config import DiffusionConfig
 from diffdpo.diffusion.models import (
     DiffusionComponents,
     Reference,
-    add_lora,
     conditioner_from,
-    has_lora,
     load_components,
-    resolve_dtype,
     save_lora,
     save_unet,
 )
@@ -44,7 +42,7 @@ from diffdpo.diffusion.schedule import (
     pair_generators,
     per_sample_mse,
 )
-from diffdpo.train import LogpsOut, load_trainable_state_dict, trainable_state_dict
+from diffdpo.task import LogpsOut, load_trainable_state_dict, trainable_state_dict
 
 NOISE_STREAM, DROPOUT_STREAM = 0, 1
 
@@ -56,7 +54,7 @@ class DiffusionPreferenceTask:
                  gradient_checkpointing: bool = False, components: DiffusionComponents | None = None) -> None:
         self.cfg, self.seed = cfg, seed
         self.device = accelerator.device
-        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        weight_dtype = mixed_precision_dtype(accelerator.mixed_precision)
         self.components = components if components is not None else self._load(weight_dtype)
         self.kind = self.components.kind
         self.unet = self.components.unet
@@ -92,7 +90,7 @@ class DiffusionPreferenceTask:
         if self.unet.dtype != dtype:
             self.unet.to(dtype)
         if lora.enabled:
-            self._trainable = add_lora(self.unet, lora.rank, lora.alpha, lora.target_modules, lora.dropout)
+            self._trainable = add_lora_from(self.unet, lora)
         else:
             self._trainable = list(self.unet.requires_grad_(True).parameters())
         if gradient_checkpointing:

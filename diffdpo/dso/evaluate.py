@@ -1,14 +1,14 @@
 """Sample -> decode -> simulate -> measure: per-sample records and the per-round summary.
 
-Summary numbers (the goal of issue 6 is stated in them):
+Summary numbers:
 
 * ``stable_rate``: stable samples over all samples (invalid ones, e.g. empty grids, count as unstable);
 * ``mean_angle_deg``: mean rotation over valid samples (DSO's score; lower is better);
 * ``fidelity``: mean IoU with the nearest training object of the same class, ``recognisability``:
   share whose nearest training object is of the right class, ``volume_ratio``: filled volume over
-  the training mean, ``diversity``: mean pairwise ``1 - IoU`` within a class. They need a
-  :class:`diffdpo.toy.voxels.ShapeBank` and a generator with an ``occupancy(latents)`` method; other
-  generators get the stability numbers only.
+  the training mean, ``diversity``: mean pairwise ``1 - IoU`` within a class. They need a generator
+  with the :class:`diffdpo.dso.generator.MeasuresShapes` capability and its ``reference_bank()``;
+  other generators get the stability numbers only.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from diffdpo.dso.generator import MeasuresShapes
 
 EVAL_SEED_OFFSET = 10_000_000
 
@@ -36,13 +38,6 @@ class Scored:
     @property
     def stable(self) -> np.ndarray:
         return np.array([bool(r["stable"]) and bool(r["valid"]) for r in self.records])
-
-
-def reference_bank(n_per_class: int = 200, seed: int = 0) -> Any:
-    """The first ``n_per_class`` training objects per class of the toy voxel world."""
-    from diffdpo.toy.voxels import ShapeBank, make_objects
-
-    return ShapeBank(make_objects(n_per_class, seed))
 
 
 def score_samples(generator: Any, conditions: Sequence[int], seeds: Sequence[int], *, groups: Sequence[int] | None = None,
@@ -69,18 +64,16 @@ def score_latents(generator: Any, latents: torch.Tensor, conditions: Sequence[in
                         "angle_deg": float(r.angle_deg) if r.angle_deg is not None else float("nan"),
                         "reason": r.reason or ""})
     scored = Scored(latents, records, meshes=meshes)
-    if bank is not None and hasattr(generator, "occupancy"):
+    if bank is not None and isinstance(generator, MeasuresShapes):
         scored.occupancy = generator.occupancy(latents)
         measures = bank.measure(scored.occupancy, conditions)
         for i, rec in enumerate(records):
             rec.update({k: float(v[i]) for k, v in measures.items()})
-    scored.summary = summarize(scored, len(generator.condition_names))
+    scored.summary = summarize(scored, len(generator.condition_names), bank)
     return scored
 
 
-def summarize(scored: Scored, n_conditions: int) -> dict[str, Any]:
-    from diffdpo.toy.voxels import diversity
-
+def summarize(scored: Scored, n_conditions: int, bank: Any = None) -> dict[str, Any]:
     recs = scored.records
     cond = np.array([r["condition"] for r in recs])
     stable = scored.stable
@@ -93,7 +86,7 @@ def summarize(scored: Scored, n_conditions: int) -> dict[str, Any]:
     if recs and "fidelity" in recs[0]:
         for key, name in (("fidelity", "fidelity"), ("recognised", "recognisability"), ("volume_ratio", "volume_ratio")):
             out[name] = float(np.mean([r[key] for r in recs]))
-        out["diversity"] = float(np.mean([diversity(scored.occupancy[cond == c]) for c in np.unique(cond)]))
+        out["diversity"] = float(np.mean([bank.diversity(scored.occupancy[cond == c]) for c in np.unique(cond)]))
         # per class too: an aggregate can hide one class losing its identity (tables turning into pillars)
         for key, name in (("fidelity", "fidelity"), ("recognised", "recognisability"), ("volume_ratio", "volume_ratio")):
             values = np.array([r[key] for r in recs])
@@ -103,10 +96,17 @@ def summarize(scored: Scored, n_conditions: int) -> dict[str, Any]:
     return out
 
 
-def evaluate_generator(generator: Any, bank: Any = None, per_class: int = 24, *, seed_offset: int = EVAL_SEED_OFFSET,
+def held_out_seed(condition: int, index: int) -> int:
+    """Sampling seed of held-out sample ``index`` of ``condition`` (the fixed evaluation set)."""
+    if not (0 <= index < 100_000 and 0 <= condition < 10):
+        raise ValueError(f"held-out seeds need index < 100000 and condition < 10, got {index}, {condition}")
+    return EVAL_SEED_OFFSET + condition * 100_000 + index
+
+
+def evaluate_generator(generator: Any, bank: Any = None, per_class: int = 24, *,
                        sim_config: Any = None, workers: int | None = 0) -> Scored:
-    """Score ``per_class`` samples of every condition at the fixed held-out seeds."""
+    """Score ``per_class`` samples of every condition at the fixed held-out seeds (:func:`held_out_seed`)."""
     n = len(generator.condition_names)
     conditions = [c for c in range(n) for _ in range(per_class)]
-    seeds = [seed_offset + c * 100_000 + i for c in range(n) for i in range(per_class)]
+    seeds = [held_out_seed(c, i) for c in range(n) for i in range(per_class)]
     return score_samples(generator, conditions, seeds, sim_config=sim_config, workers=workers, bank=bank)

@@ -29,6 +29,15 @@ occupancy grid; the second stage (structured latents -> mesh) stays frozen. A wr
 
 Everything else (scoring, pairs, LoRA, reference = adapters disabled, the losses, the training loop)
 is shared; :class:`diffdpo.toy.voxel_model.VoxelGenerator` is the CPU implementation.
+
+Optional capabilities are protocols of their own, checked with ``isinstance``:
+
+* :class:`MeasuresShapes`: ``occupancy(latents)`` and ``reference_bank()`` (fidelity, recognisability,
+  size and diversity against training objects; without it a run reports stability only);
+* :class:`DrawsTrainingData`: ``training_latents(conditions, seed)``, fresh objects of the training
+  distribution (the denoising regulariser's data and the rescue pairs' winners).
+
+:func:`load_generator` builds any generator from ``"package.module:Name"`` plus keyword arguments.
 """
 
 from __future__ import annotations
@@ -63,6 +72,65 @@ class Generator3D(Protocol):
     def decode(self, latents: torch.Tensor) -> list[Any]:
         """One mesh (``trimesh.Trimesh``, or anything ``sim.score_meshes`` takes) or ``None`` per latent."""
         ...
+
+
+@runtime_checkable
+class ShapeReference(Protocol):
+    """Training objects to measure generated ones against (e.g. :class:`diffdpo.toy.voxels.ShapeBank`)."""
+
+    def measure(self, occupancies: Any, labels: Sequence[int]) -> dict[str, Any]:
+        """Per sample ``fidelity``, ``recognised`` and ``volume_ratio`` arrays."""
+        ...
+
+    def diversity(self, occupancies: Any) -> float:
+        """Mean pairwise dissimilarity among samples of one condition."""
+        ...
+
+
+@runtime_checkable
+class MeasuresShapes(Protocol):
+    """A generator whose samples can be compared with its training objects."""
+
+    def occupancy(self, latents: torch.Tensor) -> Any:
+        """The decoded objects as occupancy grids (N, ...), what the simulator scores."""
+        ...
+
+    def reference_bank(self) -> ShapeReference:
+        """Training objects to compare with."""
+        ...
+
+
+@runtime_checkable
+class DrawsTrainingData(Protocol):
+    """A generator that can draw fresh latents from its training distribution."""
+
+    def training_latents(self, conditions: Sequence[int], seed: int) -> torch.Tensor:
+        """One latent (N, *latent_shape) per condition, a deterministic function of ``seed``."""
+        ...
+
+
+def load_generator(target: str, args: dict[str, Any] | None = None) -> Generator3D:
+    """``"package.module:Name"`` (``Name`` may be dotted, e.g. ``Class.load``) called with ``args``."""
+    import importlib
+
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"generator={target!r} must look like 'package.module:Name' (e.g. "
+                         "'diffdpo.toy.voxel_model:VoxelGenerator.load')")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"generator={target!r}: cannot import {module_name!r} ({exc})") from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"generator={target!r}: {module_name} has no {attr!r}")
+        obj = getattr(obj, part)
+    generator = obj(**(args or {}))
+    if not isinstance(generator, Generator3D):
+        raise TypeError(f"generator={target!r} returned a {type(generator).__name__}, which lacks part of the "
+                        "Generator3D protocol (condition_names, latent_shape, schedule, network, "
+                        "lora_target_modules, predict, sample, decode)")
+    return generator
 
 
 def noise_samples(schedule: Schedule, latents: torch.Tensor, generators: Sequence[torch.Generator]) -> NoisedPairs:

@@ -1,10 +1,10 @@
-"""DSO fine-tuning as a :class:`diffdpo.train.PreferenceTask` on a :class:`Generator3D`'s latents.
+"""DSO fine-tuning as a :class:`diffdpo.task.PreferenceTask` on a :class:`Generator3D`'s latents.
 
 Per batch (Li et al. 2025, arXiv 2503.22677; Diffusion-DPO's ELBO proxy, Wallace et al. 2023, eq. 14):
 
 * pairs: winner and loser latents (B, 2, *latent_shape) of one condition share one ``t`` and one
   noise draw (:func:`diffdpo.diffusion.schedule.noise_pairs`); one policy forward over 2B rows and
-  one reference forward (LoRA adapters disabled) give ``logp = -0.5 * mse`` -> :class:`LogpsOut`;
+  one reference forward (LoRA adapters disabled) give ``logp = -0.5 * mse`` -> :class:`~diffdpo.task.LogpsOut`;
 * pointwise (DRO in DSO's form, KTO): one latent per row with a stable/unstable label ->
   :class:`PointwiseLogpsOut`;
 * optional denoising regulariser (``aux_weight > 0``): each row carries one latent from a
@@ -20,50 +20,18 @@ stable sample keys, so results do not depend on batch size.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffdpo.diffusion.models import adapters_disabled, tuner_layers
+from diffdpo.adapters import adapters_disabled, tuner_layers
 from diffdpo.diffusion.schedule import noise_pairs, pair_generators
 from diffdpo.dso.generator import Generator3D, generator_logps, noise_samples
 from diffdpo.losses import pointwise_loss
-from diffdpo.train import LogpsOut, PointwiseLogpsOut
+from diffdpo.task import LogpsOut, PointwiseLogpsOut
 
 NOISE_STREAM, AUX_STREAM = 0, 2
-
-
-def prepare_network(generator: Generator3D, *, lora_rank: int = 0, lora_alpha: float | None = None,
-                    target_modules: Sequence[str] | None = None) -> list[torch.nn.Parameter]:
-    """Make ``generator.network`` trainable: a LoRA adapter (rank > 0; base frozen) or all weights.
-
-    Diffusers models get the adapter through ``add_adapter`` (:func:`diffdpo.diffusion.models.add_lora`),
-    any other ``nn.Module`` through ``peft.inject_adapter_in_model``; the reference is then the same
-    network with adapters disabled. Returns the trainable parameters (fp32).
-    """
-    net = generator.network
-    targets = list(target_modules or generator.lora_target_modules)
-    if lora_rank <= 0:
-        return list(net.requires_grad_(True).parameters())
-    if tuner_layers(net):
-        return [p for p in net.parameters() if p.requires_grad]  # already adapted (a later round)
-    if hasattr(net, "add_adapter"):
-        from diffdpo.diffusion.models import add_lora
-
-        return add_lora(net, lora_rank, lora_alpha, targets)
-    from peft import LoraConfig, inject_adapter_in_model
-
-    net.requires_grad_(False)
-    config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, init_lora_weights="gaussian",
-                        target_modules=targets)
-    inject_adapter_in_model(config, net)
-    params = [p for n, p in net.named_parameters() if "lora_" in n]
-    for p in params:
-        p.requires_grad_(True)
-        p.data = p.data.float()
-    return params
 
 
 class DSOTask:
@@ -71,13 +39,12 @@ class DSOTask:
 
     def __init__(self, generator: Generator3D, items: list[dict[str, Any]], *, pointwise: bool,
                  trainable: list[torch.nn.Parameter], seed: int = 0, aux_weight: float = 0.0,
-                 loss_kwargs: dict[str, Any] | None = None, frozen_reference: torch.nn.Module | None = None) -> None:
+                 frozen_reference: torch.nn.Module | None = None) -> None:
         if not items:
             raise ValueError("the DSO dataset is empty: no group had both stable and unstable samples "
                              "(sample more per condition or use larger groups)")
         self.generator, self.items, self.pointwise = generator, items, pointwise
         self.trainable, self.seed, self.aux_weight = trainable, seed, aux_weight
-        self.loss_kwargs = loss_kwargs or {}
         self._layers = tuner_layers(generator.network)
         if not self._layers and frozen_reference is None:
             frozen_reference = copy.deepcopy(generator.network).requires_grad_(False).eval()
@@ -120,11 +87,11 @@ class DSOTask:
         aux = self._aux_losses(model, batch, keys)
         if self.pointwise:
             metrics = {"mse/policy": mse.mean().detach(), "mse/ref": ref_mse.mean()}
-            return PointwiseLogpsOut(logp, ref_logp, batch["label"], metrics, dict(self.loss_kwargs), aux)
+            return PointwiseLogpsOut(logp, ref_logp, batch["label"], metrics, aux_losses=aux)
         b = latents.shape[0]
         metrics = {"mse/policy_chosen": mse[:b].mean().detach(), "mse/policy_rejected": mse[b:].mean().detach(),
                    "mse/ref_chosen": ref_mse[:b].mean(), "mse/ref_rejected": ref_mse[b:].mean()}
-        return LogpsOut(logp[:b], logp[b:], ref_logp[:b], ref_logp[b:], metrics, dict(self.loss_kwargs), aux)
+        return LogpsOut(logp[:b], logp[b:], ref_logp[:b], ref_logp[b:], metrics, aux_losses=aux)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         names = {id(p): n for n, p in self.generator.network.named_parameters()}

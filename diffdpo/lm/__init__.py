@@ -9,17 +9,17 @@ diffusion and 3D modalities. See ``docs/lm.md``.
 * :mod:`diffdpo.lm.logps`: chunked LM head, per-sequence log-probs, top-k and KL indicators.
 * :mod:`diffdpo.lm.reference`: precomputed reference log-probs cached on disk.
 * :mod:`diffdpo.lm.task`: :class:`LMPreferenceTask`, the training loop's task (``task: lm`` in a config).
-* :mod:`diffdpo.lm.tiny`: the tiny offline review world with a programmatic judge.
+
+The tiny offline review world with its judge is an embedded world: :mod:`diffdpo.toy.tiny_lm`.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from diffdpo.lm.config import LMConfig
 from diffdpo.lm.data import TokenizedDataset, TokenizeOptions, load_preference_data
 from diffdpo.lm.logps import CausalLMLogps, HeadSpec, TokenLogps, head_logps, sequence_logps
 from diffdpo.lm.packing import Group, TokenBatch, collate_groups, prepare_for_packing
+from diffdpo.lm.task import LMPreferenceTask
 
 __all__ = [
     "CausalLMLogps",
@@ -38,11 +38,3 @@ __all__ = [
     "sequence_logps",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    # The task imports diffdpo.train, which imports diffdpo.lm.config: load it on first use only.
-    if name == "LMPreferenceTask":
-        from diffdpo.lm.task import LMPreferenceTask
-
-        return LMPreferenceTask
-    raise AttributeError(f"module 'diffdpo.lm' has no attribute {name!r}")

@@ -1,16 +1,19 @@
-"""Config dataclasses of the language-model task (the ``lm:`` section of a training config)."""
+"""Config dataclasses of the language-model task (the ``lm:`` section of a training config), and the
+task's registry entry (:data:`TASK`, declared as a ``diffdpo.tasks`` entry point)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+from diffdpo.adapters import LoraConfig
 from diffdpo.config import help_meta
+from diffdpo.task import TaskContext, TaskSpec
 
 
 @dataclass
 class LMModelConfig:
-    pretrained: str = field(default="", metadata=help_meta("AutoModelForCausalLM path or hub id (empty with lm.tiny_world)"))
+    pretrained: str = field(default="", metadata=help_meta("AutoModelForCausalLM path or hub id"))
     revision: str | None = field(default=None, metadata=help_meta("hub revision"))
     tokenizer: str | None = field(default=None, metadata=help_meta("tokenizer path or hub id; None = same as pretrained"))
     dtype: str = field(
@@ -30,19 +33,14 @@ class LMModelConfig:
 
 
 @dataclass
-class LMLoraConfig:
-    enabled: bool = field(default=False, metadata=help_meta("train LoRA adapters (reference = adapters disabled)"))
-    rank: int = field(default=16, metadata=help_meta("LoRA rank r"))
-    alpha: float | None = field(default=None, metadata=help_meta("LoRA alpha; None = 2 x rank"))
-    dropout: float = field(default=0.0, metadata=help_meta("LoRA dropout"))
+class LMLoraConfig(LoraConfig):
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         metadata=help_meta("module names to adapt (not lm_head: log-probs read the head's weight directly)"),
     )
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"lm.lora.rank must be >= 1, got {self.rank}")
+        super().__post_init__()
         if "lm_head" in self.target_modules:
             raise ValueError("lm.lora.target_modules must not include lm_head (the chunked head reads its weight)")
 
@@ -87,19 +85,23 @@ class LMConfig:
     dense_gamma: float | None = field(
         default=None, metadata=help_meta("RLHF-V dense DPO: weight of corrected-segment tokens (> 1); None = off")
     )
-    ipo_length_normalize: bool = field(default=True, metadata=help_meta("IPO: divide log-ratios by completion length (TRL)"))
-    simpo_gamma: float = field(default=0.5, metadata=help_meta("SimPO target reward margin"))
-    kto_desirable_weight: float = field(default=1.0, metadata=help_meta("KTO lambda_D"))
-    kto_undesirable_weight: float = field(default=1.0, metadata=help_meta("KTO lambda_U"))
     logits_chunk_size: int = field(default=1024, metadata=help_meta("target tokens per LM-head chunk (memory bound)"))
     topk: int = field(default=20, metadata=help_meta("k of the top-k entropy / mass over-optimisation indicators; 0 = off"))
-    tiny_world: str | None = field(
-        default=None, metadata=help_meta("folder of the tiny offline LM world: built if missing; model and data default to it")
-    )
-    eval_samples_per_prompt: int = field(default=16, metadata=help_meta("tiny world: sampled reviews per held-out prompt"))
 
     def __post_init__(self) -> None:
         if self.dense_gamma is not None and self.dense_gamma <= 0:
             raise ValueError(f"lm.dense_gamma must be > 0, got {self.dense_gamma}")
         if self.logits_chunk_size < 1 or self.topk < 0:
             raise ValueError("lm.logits_chunk_size must be >= 1 and lm.topk >= 0")
+
+
+def _build_task(cfg: LMConfig, context: TaskContext) -> Any:
+    from diffdpo.lm.task import LMPreferenceTask
+
+    return LMPreferenceTask(cfg, loss_type=context.loss_type, accelerator=context.accelerator, seed=context.seed,
+                            per_device_batch_size=context.per_device_batch_size,
+                            gradient_checkpointing=context.gradient_checkpointing)
+
+
+TASK = TaskSpec("lm", LMConfig, _build_task, default_beta=0.1,
+                description="DPO-family (pairs) or KTO-family (labels) training of a causal LM (beta 0.1 as TRL)")

@@ -1,25 +1,14 @@
-"""Loading causal LMs and tokenizers, LoRA via peft, and the reference model choices."""
+"""Loading causal LMs and tokenizers, frozen reference copies and weight fingerprints (LoRA: :mod:`diffdpo.adapters`)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from diffdpo.lm.config import LMLoraConfig, LMModelConfig
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str, mixed_precision: str) -> torch.dtype:
-    """``auto`` -> the mixed-precision dtype (fp16/bf16) or float32."""
-    if name == "auto":
-        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-    return _DTYPES[name]
+from diffdpo.lm.config import LMModelConfig
 
 
 def load_tokenizer(cfg: LMModelConfig) -> Any:
@@ -66,22 +55,6 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
-def add_lora(model: Any, cfg: LMLoraConfig) -> Any:
-    """Wrap ``model`` in a peft ``PeftModel`` with fresh LoRA adapters (B = 0, so policy == base at start)."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else 2 * cfg.rank,
-                        lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(model, config)
-    except ValueError as exc:
-        raise ValueError(f"LoRA could not be added with lm.lora.target_modules={cfg.target_modules}: {exc}") from exc
-
-
-def is_peft(model: Any) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
-
-
 def frozen_copy(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """An independent, gradient-free copy in eval mode (the full-fine-tuning reference)."""
     ref = copy.deepcopy(model)
@@ -89,13 +62,6 @@ def frozen_copy(model: torch.nn.Module, dtype: torch.dtype | None = None) -> tor
         ref.to(dtype)
     ref.requires_grad_(False)
     return ref.eval()
-
-
-@contextlib.contextmanager
-def adapters_disabled(model: Any) -> Iterator[None]:
-    """Run a PEFT model as its base model (the LoRA reference)."""
-    with model.disable_adapter():
-        yield
 
 
 def model_fingerprint(model: torch.nn.Module, *extra: str) -> str:

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from diffdpo.adapters import adapters_disabled, has_lora
 from diffdpo.lm.logps import sequence_logps
-from diffdpo.lm.models import adapters_disabled, is_peft
 
 if TYPE_CHECKING:
     from diffdpo.lm.task import LMPreferenceTask
@@ -89,7 +89,7 @@ def compute_reference_logps(task: LMPreferenceTask, batch_size: int) -> tuple[to
     kl_rows: list[torch.Tensor] = []
     was_training = policy.training
     policy.eval()
-    ctx = adapters_disabled(policy.model) if is_peft(policy.model) else contextlib.nullcontext()
+    ctx = adapters_disabled(policy.model) if has_lora(policy.model) else contextlib.nullcontext()
     with ctx:
         for start in range(0, len(ds), batch_size):
             batch = task.collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])

@@ -1,4 +1,4 @@
-"""Language-model preference training as a :class:`diffdpo.train.PreferenceTask`.
+"""Language-model preference training as a :class:`diffdpo.task.PreferenceTask`.
 
 For a batch of B pairs (Rafailov et al. 2023, "Direct Preference Optimization", arXiv 2305.18290):
 
@@ -9,38 +9,30 @@ For a batch of B pairs (Rafailov et al. 2023, "Direct Preference Optimization", 
    precomputed and cached on disk (:mod:`diffdpo.lm.reference`);
 3. one policy forward over all 2B sequences; the chunked LM head gives policy and reference token
    log-probs, top-k entropy/mass and the token KL in one pass (:mod:`diffdpo.lm.logps`);
-4. per-sequence sums (or weighted means: SimPO/ORPO, RLHF-V dense DPO) -> :class:`diffdpo.train.LogpsOut`.
+4. per-sequence sums (or weighted means: SimPO/ORPO, RLHF-V dense DPO) -> :class:`diffdpo.task.LogpsOut`.
    The loss comes from :mod:`diffdpo.losses` in the shared training loop.
 
-Unpaired data (KTO, Ethayarajh et al. 2024, arXiv 2402.01306) gives a :class:`diffdpo.train.PointwiseLogpsOut`
+Unpaired data (KTO, Ethayarajh et al. 2024, arXiv 2402.01306) gives a :class:`diffdpo.task.PointwiseLogpsOut`
 with KTO's reference point estimated, as in TRL, from mismatched (prompt, completion) pairs: within each
 run of ``per_device_batch_size`` examples the completions are rotated by one.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from diffdpo.adapters import adapters_disabled, add_lora_from, has_lora, resolve_dtype, save_lora_adapter
 from diffdpo.lm.config import LMConfig
 from diffdpo.lm.data import TokenizedDataset, TokenizeOptions, load_preference_data
 from diffdpo.lm.logps import CausalLMLogps, head_spec, sequence_logps
-from diffdpo.lm.models import (
-    adapters_disabled,
-    add_lora,
-    frozen_copy,
-    load_causal_lm,
-    load_tokenizer,
-    model_fingerprint,
-    resolve_dtype,
-)
+from diffdpo.lm.models import frozen_copy, load_causal_lm, load_tokenizer, model_fingerprint
 from diffdpo.lm.packing import Group, TokenBatch, collate_groups, prepare_for_packing
 from diffdpo.lm.reference import PrecomputedReference, precompute_reference
 from diffdpo.losses import POINTWISE_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
-from diffdpo.train import LogpsOut, PointwiseLogpsOut, load_trainable_state_dict, trainable_state_dict
+from diffdpo.task import LogpsOut, PointwiseLogpsOut, load_trainable_state_dict, trainable_state_dict
 
 
 class LMPreferenceTask:
@@ -55,7 +47,8 @@ class LMPreferenceTask:
         if loss_type == "dro":
             raise ValueError("loss.type=dro needs a learned value model V(x), which the LM task does not provide; "
                              "use kto, sft or a paired loss")
-        self._resolve_tiny_world()
+        if not cfg.model.pretrained or not cfg.data.source:
+            raise ValueError("the LM task needs lm.model.pretrained and lm.data.source")
         mixed = getattr(accelerator, "mixed_precision", "no")
         frozen_dtype = resolve_dtype(cfg.model.dtype, mixed)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
@@ -64,8 +57,7 @@ class LMPreferenceTask:
         self.base_fingerprint = model_fingerprint(lm, cfg.model.pretrained, str(cfg.model.revision))
         self.attn_implementation = prepare_for_packing(lm, cfg.layout)
         if cfg.lora.enabled:
-            lm = add_lora(lm, cfg.lora)
-            self._trainable = [p for p in lm.parameters() if p.requires_grad]
+            self._trainable = add_lora_from(lm, cfg.lora)
         else:
             lm.to(torch.float32).requires_grad_(True)
             self._trainable = list(lm.parameters())
@@ -80,22 +72,8 @@ class LMPreferenceTask:
             self.ref_policy = CausalLMLogps(frozen_copy(lm, frozen_dtype), chunk_size=cfg.logits_chunk_size, topk=0)
         elif self.reference_kind == "precomputed":
             self.precomputed = precompute_reference(self, accelerator)
-        self.initial_eval = self.evaluate() if cfg.tiny_world else None
 
     # ---- setup -------------------------------------------------------------------------------------
-
-    def _resolve_tiny_world(self) -> None:
-        cfg = self.cfg
-        if cfg.tiny_world:
-            from diffdpo.lm.tiny import build_world
-
-            world = build_world(cfg.tiny_world, seed=self.seed)
-            if not cfg.model.pretrained:
-                cfg.model.pretrained = str(world.model_dir)
-            if not cfg.data.source:
-                cfg.data.source = str(world.unpaired if self.pointwise else world.pairs)
-        if not cfg.model.pretrained or not cfg.data.source:
-            raise ValueError("the LM task needs lm.model.pretrained and lm.data.source (or lm.tiny_world=DIR)")
 
     def _load_data(self, per_device_batch_size: int) -> TokenizedDataset:
         d = self.cfg.data
@@ -160,14 +138,12 @@ class LMPreferenceTask:
         if not self._dataset.paired:
             return self._pointwise(model, batch, logps, ref_logps, metrics)
         b = tokens.num_sequences // 2
-        loss_kwargs: dict[str, Any] = {}
-        if self.loss_type == "ipo" and self.cfg.ipo_length_normalize and not avg:
-            lengths = tokens.completion_lengths.to(logps.device)
-            loss_kwargs = {"chosen_lengths": lengths[:b], "rejected_lengths": lengths[b:]}
-        elif self.loss_type == "simpo":
-            loss_kwargs = {"simpo_gamma": self.cfg.simpo_gamma}
         ref_c, ref_r = (None, None) if ref_logps is None else (ref_logps[:b], ref_logps[b:])
-        return LogpsOut(logps[:b], logps[b:], ref_c, ref_r, metrics, loss_kwargs)
+        out = LogpsOut(logps[:b], logps[b:], ref_c, ref_r, metrics)
+        if not avg:  # summed log-probs: the lengths IPO's length normalisation divides by
+            lengths = tokens.completion_lengths.to(logps.device)
+            out.chosen_lengths, out.rejected_lengths = lengths[:b], lengths[b:]
+        return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Trainable weights by name (LoRA adapters, or the whole model)."""
@@ -177,9 +153,13 @@ class LMPreferenceTask:
         load_trainable_state_dict(self.policy, state)
 
     def export(self, out_dir: Path) -> None:
-        """LoRA -> peft adapter folder; full -> ``save_pretrained`` model; tokenizer alongside; tiny-world eval."""
+        """LoRA -> peft adapter folder; full -> ``save_pretrained`` model; tokenizer alongside."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(out_dir)
+        if has_lora(self.policy.model):
+            save_lora_adapter(self.policy.model, out_dir)
+            return
         lm = self.policy.causal_lm
         original = self.cfg.model.attn_implementation
         lm.set_attn_implementation(original if original in ("eager", "sdpa") or original.startswith("flash") else "sdpa")
@@ -187,12 +167,6 @@ class LMPreferenceTask:
             self.policy.model.save_pretrained(out_dir)
         finally:
             lm.set_attn_implementation(self.attn_implementation)
-        self.tokenizer.save_pretrained(out_dir)
-        if self.cfg.tiny_world:
-            result = {"before": self.initial_eval, "after": self.evaluate()}
-            (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
-            print(f"tiny-world evaluation: positive rate {result['before']['eval/positive_rate']:.3f} -> "
-                  f"{result['after']['eval/positive_rate']:.3f}")
 
     # ---- pieces of compute -------------------------------------------------------------------------
 
@@ -251,19 +225,8 @@ class LMPreferenceTask:
             else:
                 assert self.precomputed is not None
                 kl_ref = self.precomputed.lookup_kl(batch["index"]).to(self.device)
-            kwargs = {"kl_policy_logps": kl_policy, "kl_ref_logps": kl_ref,
-                      "desirable_weight": self.cfg.kto_desirable_weight,
-                      "undesirable_weight": self.cfg.kto_undesirable_weight}
+            kwargs = {"kl_policy_logps": kl_policy, "kl_ref_logps": kl_ref}
         return PointwiseLogpsOut(logps, ref_logps, labels, metrics, kwargs)
-
-    # ---- evaluation (tiny world) -------------------------------------------------------------------
-
-    def evaluate(self) -> dict[str, float]:
-        """Judged behaviour of sampled completions (tiny world only)."""
-        from diffdpo.lm.tiny import evaluate_policy
-
-        return evaluate_policy(self.policy.model, self.tokenizer, samples_per_prompt=self.cfg.eval_samples_per_prompt,
-                               seed=self.seed)
 
 
 def assign_kl_completions(ds: TokenizedDataset, chunk: int) -> None:

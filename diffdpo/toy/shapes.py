@@ -3,7 +3,7 @@
 A caption names a colour, a shape and a position ("a red triangle on the left"), so a model must
 read all three words to be right. Images are rendered with 4x supersampling and box-downsampled, so
 edges are anti-aliased like a real (if tiny) photo. The same geometry (palette, region anchors) is
-what :mod:`diffdpo.rewards.shapes_judge` measures from pixels.
+what :mod:`diffdpo.toy.shapes_judge` measures from pixels.
 """
 
 from __future__ import annotations

@@ -145,6 +145,12 @@ class VoxelGenerator:
         grids = [to_tensor(MAKERS[CLASSES[int(c)]](rng)) for c in conditions]
         return torch.from_numpy(np.stack(grids))  # (N, 16, 16, 16)
 
+    def reference_bank(self, n_per_class: int = 200, seed: int = 0) -> Any:
+        """The first ``n_per_class`` training objects per class, to measure samples against."""
+        from diffdpo.toy.voxels import ShapeBank, make_objects
+
+        return ShapeBank(make_objects(n_per_class, seed))
+
     def occupancy(self, latents: torch.Tensor) -> np.ndarray:
         """Latents in [-1, 1] -> the decoded objects as bool grids (N, 16, 16, 16) ``[z, y, x]``: the
         kept component(s) resting on z = 0, i.e. what the simulator scores."""

@@ -306,6 +306,10 @@ class ShapeBank:
         return {"fidelity": fidelity, "recognised": recognised.astype(np.float32),
                 "volume_ratio": flat.sum(1) / self.mean_volume}
 
+    def diversity(self, occupancies: np.ndarray) -> float:
+        """:func:`diversity` of the given samples."""
+        return diversity(occupancies)
+
 
 def diversity(occupancies: np.ndarray) -> float:
     """Mean pairwise ``1 - IoU`` among the given samples (one class); 0 for fewer than two."""

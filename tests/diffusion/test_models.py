@@ -6,8 +6,10 @@ import copy
 
 import torch
 
+from diffdpo.adapters import adapters_disabled, add_lora_from, fold_adapters
 from diffdpo.diffusion.conditioning import unet_forward
-from diffdpo.diffusion.models import Reference, adapters_disabled, add_lora, fold_adapters, load_components
+from diffdpo.diffusion.config import DiffusionLoraConfig
+from diffdpo.diffusion.models import Reference, load_components
 from diffdpo.diffusion.tiny import tiny_components
 
 
@@ -37,7 +39,7 @@ def test_adapter_disabled_reference_equals_a_frozen_copy_exactly():
     for kind in ("sd15", "sdxl"):
         unet = tiny_components(kind).unet
         frozen = copy.deepcopy(unet).requires_grad_(False).eval()
-        params = add_lora(unet, rank=4)
+        params = add_lora_from(unet, DiffusionLoraConfig(enabled=True, rank=4))
         assert params and all(p.requires_grad and p.dtype == torch.float32 for p in params)
         with torch.no_grad():  # make the adapter matter (B starts at zero)
             for p in params:
@@ -68,7 +70,7 @@ def test_folding_adapters_makes_the_adapted_unet_the_reference():
     """After fold_adapters the UNet computes the same (adapters on) and the adapter-disabled
     reference equals it; the folded update is exactly the LoRA delta B @ A * alpha / r."""
     unet = tiny_components("sd15").unet
-    params = add_lora(unet, rank=4)
+    params = add_lora_from(unet, DiffusionLoraConfig(enabled=True, rank=4))
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.05)  # a trained adapter's scale; 0.5 amplifies fp32 rounding

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffdpo.config import load_config
-from diffdpo.train import TrainConfig, setup, train, train_step
+from diffdpo.train import TrainConfig, load_train_config, setup, train, train_step
 from tests.diffusion.conftest import REPO, tiny_overrides
 
 TINY = {"sd15": REPO / "configs" / "tiny_sd15_dpo.yaml", "sdxl": REPO / "configs" / "tiny_sdxl_dpo.yaml"}
@@ -29,7 +28,7 @@ def fresh_accelerate_state():
 
 
 def _cfg(kind: str, model_dir: Path, data: Path, out: Path, *extra: str) -> TrainConfig:
-    return load_config(TrainConfig, TINY[kind], tiny_overrides(model_dir, data, out, *extra))
+    return load_train_config(TINY[kind], tiny_overrides(model_dir, data, out, *extra))
 
 
 def _losses(result) -> list[float]:

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import sim
+from diffdpo.adapters import add_lora
 from diffdpo.dso.generator import Generator3D, generator_logps, noise_samples
-from diffdpo.dso.task import DSOTask, prepare_network
+from diffdpo.dso.task import DSOTask
 from diffdpo.toy.voxel_model import VoxelGenerator, build_unet
 from diffdpo.train import TrainConfig, train
 from tests.dso.box_generator import BoxGenerator
@@ -17,6 +18,13 @@ from tests.dso.box_generator import BoxGenerator
 
 def _voxel(objective="sample"):
     return VoxelGenerator(build_unet(0, (8, 16)), objective, sample_steps=2)
+
+
+def prepare_network(gen, lora_rank: int) -> list[torch.nn.Parameter]:
+    """LoRA on the generator's own target modules (rank > 0), or every weight trainable."""
+    if lora_rank <= 0:
+        return list(gen.network.requires_grad_(True).parameters())
+    return add_lora(gen.network, lora_rank, None, gen.lora_target_modules)
 
 
 
@@ -59,8 +67,8 @@ def test_flow_matching_objective_trains_pointwise_and_with_the_denoising_regular
     items = [{"latents": lat[i][None], "cond": i, "label": i % 2 == 0, "aux": aux[i], "aux_cond": i} for i in range(4)]
     cfg = TrainConfig(output_dir=str(tmp_path), max_steps=3, per_device_batch_size=2, tensorboard=False,
                       progress_bar=False, checkpoint_every=0)
-    cfg.loss.type, cfg.loss.beta, cfg.optim.lr = "dso_dro", 1.0, 1e-2
-    task = DSOTask(gen, items, pointwise=True, trainable=trainable, aux_weight=0.5, loss_kwargs={"anchored": True})
+    cfg.loss.type, cfg.loss.beta, cfg.optim.lr, cfg.loss.dro_anchored = "dso_dro", 1.0, 1e-2, True
+    task = DSOTask(gen, items, pointwise=True, trainable=trainable, aux_weight=0.5)
     history = train(cfg, task).history
     assert all(math.isfinite(h["loss"]) and h["loss/aux"] > 0 for h in history)
     noised = noise_samples(gen.schedule, lat, [torch.Generator().manual_seed(i) for i in range(4)])

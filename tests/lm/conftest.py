@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from diffdpo.lm import tiny
+from diffdpo.toy import tiny_lm as tiny
 
 
 @pytest.fixture(scope="session")

@@ -70,7 +70,7 @@ def test_frozen_head_gets_no_gradient_and_hidden_does():
 
 
 def test_head_spec_reads_the_model_and_rejects_adapted_heads(tokenizer):
-    from diffdpo.lm.tiny import build_model
+    from diffdpo.toy.tiny_lm import build_model
 
     model = build_model(len(tokenizer), final_logit_softcapping=None)
     spec = head_spec(model)

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffdpo.config import load_config
-from diffdpo.train import TrainConfig, setup, train, train_step
+from diffdpo.train import TrainConfig, load_train_config, setup, train, train_step
 from tests.lm.conftest import write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,8 +17,8 @@ TINY = REPO / "configs" / "lm_dpo_tiny.yaml"
 
 
 def _cfg(world, tmp_path: Path, *overrides: str) -> TrainConfig:
-    return load_config(TrainConfig, TINY, [f"lm.tiny_world={world.root}", f"output_dir={tmp_path / 'run'}",
-                                           "progress_bar=false", "lm.eval_samples_per_prompt=4", *overrides])
+    return load_train_config(TINY, [f"tiny_lm.world={world.root}", f"output_dir={tmp_path / 'run'}",
+                                           "progress_bar=false", "tiny_lm.eval_samples_per_prompt=4", *overrides])
 
 
 def _one_step(cfg: TrainConfig) -> tuple[dict[str, float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -31,7 +30,7 @@ def _one_step(cfg: TrainConfig) -> tuple[dict[str, float], dict[str, torch.Tenso
     return logs, before, tr.task.state_dict()
 
 
-@pytest.mark.parametrize("extra", [["lm.layout=packed"], ["lm.lora.enabled=true", "lm.layout=padded"]])
+@pytest.mark.parametrize("extra", [["tiny_lm.layout=packed"], ["tiny_lm.lora.enabled=true", "tiny_lm.layout=padded"]])
 def test_first_step_loss_is_ln2_and_weights_move(world, tmp_path, extra):
     """Policy == reference at step 0, so every pair's DPO loss is -log sigmoid(0) = ln 2."""
     cfg = _cfg(world, tmp_path, "max_steps=1", "per_device_batch_size=4", *extra)
@@ -42,14 +41,14 @@ def test_first_step_loss_is_ln2_and_weights_move(world, tmp_path, extra):
     assert 0 < logs["overopt/topk_mass"] <= 1 and logs["overopt/topk_entropy"] > 0
     assert logs["length/chosen"] > 0 and logs["skipped"] == 0.0
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    if "lm.lora.enabled=true" in extra:
+    if "tiny_lm.lora.enabled=true" in extra:
         assert all("lora_" in k for k in before)
 
 
 def test_precomputed_reference_is_cached_and_equals_the_live_one(world, tmp_path):
     cache = tmp_path / "cache"
-    cfg = _cfg(world, tmp_path, "max_steps=1", "per_device_batch_size=4", "lm.reference.kind=precomputed",
-               f"lm.reference.cache_dir={cache}", "lm.data.max_rows=24")
+    cfg = _cfg(world, tmp_path, "max_steps=1", "per_device_batch_size=4", "tiny_lm.reference.kind=precomputed",
+               f"tiny_lm.reference.cache_dir={cache}", "tiny_lm.data.max_rows=24")
     tr = setup(cfg)
     task = tr.task
     (path,) = cache.glob("ref_logps-*.safetensors")
@@ -64,16 +63,16 @@ def test_precomputed_reference_is_cached_and_equals_the_live_one(world, tmp_path
     mtime = path.stat().st_mtime_ns
     setup(cfg)
     assert path.stat().st_mtime_ns == mtime
-    setup(_cfg(world, tmp_path, "max_steps=1", "per_device_batch_size=4", "lm.reference.kind=precomputed",
-               f"lm.reference.cache_dir={cache}", "lm.data.max_rows=20"))
+    setup(_cfg(world, tmp_path, "max_steps=1", "per_device_batch_size=4", "tiny_lm.reference.kind=precomputed",
+               f"tiny_lm.reference.cache_dir={cache}", "tiny_lm.data.max_rows=20"))
     assert len(list(cache.glob("ref_logps-*.safetensors"))) == 2
 
 
 @pytest.mark.parametrize("overrides", [
     ["loss.type=kto", "loss.beta=0.2"],
     ["loss.type=ipo", "loss.beta=0.5"],
-    ["lm.dense_gamma=4.0", "lm.average_log_prob=true", "loss.beta=2.0"],
-    ["loss.type=simpo", "loss.beta=2.0", "lm.average_log_prob=true"],
+    ["tiny_lm.dense_gamma=4.0", "tiny_lm.average_log_prob=true", "loss.beta=2.0"],
+    ["loss.type=simpo", "loss.beta=2.0", "tiny_lm.average_log_prob=true"],
 ])
 def test_other_objectives_train(world, tmp_path, overrides):
     cfg = _cfg(world, tmp_path, "max_steps=2", "per_device_batch_size=4", *overrides)
@@ -87,8 +86,8 @@ def test_truncated_away_pairs_are_skipped_not_nan(world, tmp_path):
     rows = [json.loads(line) for line in world.pairs.read_text().splitlines()[:8]]
     long_prompt = [{**r, "prompt": r["prompt"] + " and the film was"} for r in rows[:3]]
     data = write_jsonl(tmp_path / "mixed.jsonl", rows + long_prompt)
-    cfg = _cfg(world, tmp_path, "max_steps=2", "per_device_batch_size=4", "lm.data.max_length=8",
-               f"lm.data.source={data}", "lm.average_log_prob=true")
+    cfg = _cfg(world, tmp_path, "max_steps=2", "per_device_batch_size=4", "tiny_lm.data.max_length=8",
+               f"tiny_lm.data.source={data}", "tiny_lm.average_log_prob=true")
     with pytest.warns(UserWarning, match=r"8 examples kept, 3 skipped: row 8: completion empty after truncation"):
         result = train(cfg)
     assert all(math.isfinite(h["loss"]) for h in result.history)
@@ -99,8 +98,8 @@ def test_cli_training_raises_the_preferred_behaviour(world, tmp_path, capsys):
     from diffdpo.cli import main
 
     out_dir = tmp_path / "cli"
-    code = main(["train", "--config", str(TINY), f"lm.tiny_world={world.root}", f"output_dir={out_dir}",
-                 "progress_bar=false", "max_steps=25", "lm.eval_samples_per_prompt=16"])
+    code = main(["train", "--config", str(TINY), f"tiny_lm.world={world.root}", f"output_dir={out_dir}",
+                 "progress_bar=false", "max_steps=25", "tiny_lm.eval_samples_per_prompt=16"])
     assert code == 0
     result = json.loads((out_dir / "final" / "eval.json").read_text())
     before, after = result["before"]["eval/positive_rate"], result["after"]["eval/positive_rate"]
@@ -113,12 +112,12 @@ def test_cli_training_raises_the_preferred_behaviour(world, tmp_path, capsys):
 
 def test_shipped_lm_configs_load():
     for path in sorted((REPO / "configs").glob("lm_*.yaml")):
-        cfg = load_config(TrainConfig, path)
-        assert cfg.task == "lm", path
+        cfg = load_train_config(path)
+        assert cfg.task in ("lm", "tiny_lm") and cfg.loss.beta is not None, path
 
 
 def test_resuming_reproduces_the_uninterrupted_losses(world, tmp_path):
-    base = ["per_device_batch_size=4", "checkpoint_every=2", "lm.layout=packed", "lm.lora.enabled=true"]
+    base = ["per_device_batch_size=4", "checkpoint_every=2", "tiny_lm.layout=packed", "tiny_lm.lora.enabled=true"]
     full = train(_cfg(world, tmp_path / "a", "max_steps=4", *base))
     train(_cfg(world, tmp_path / "b", "max_steps=2", *base))
     resumed = train(_cfg(world, tmp_path / "b", "max_steps=4", "resume_from=latest", *base))

@@ -144,14 +144,14 @@ def test_kto_loss_equals_trl(tokenizer, pair_rows, tmp_path):
 
     cfg = LMConfig()
     cfg.model.pretrained, cfg.data.source = "tiny", str(write_jsonl(tmp_path / "unpaired.jsonl", rows))
-    cfg.reference.kind, cfg.kto_undesirable_weight = "frozen_copy", 1.5
+    cfg.reference.kind = "frozen_copy"
     task = LMPreferenceTask(cfg, loss_type="kto", accelerator=ACCEL, per_device_batch_size=n, model=ours_policy,
                             tokenizer=tokenizer)
     task.ref_policy.model.load_state_dict(ours_ref.state_dict())
     for i in range(n):
         assert task.dataset()[i]["kl_completion_ids"] == trainer.train_dataset[i]["KL_completion_ids"]
     out = task.compute(task.policy, task.collate([task.dataset()[i] for i in range(n)]), torch.arange(n))
-    losses, metrics = apply_loss(out, LossConfig(type="kto", beta=BETA))
+    losses, metrics = apply_loss(out, LossConfig(type="kto", beta=BETA, kto_undesirable_weight=1.5))
     torch.testing.assert_close(losses.mean(), trl_loss, rtol=1e-5, atol=1e-5)
     assert metrics["kl"] >= 0
 
@@ -185,9 +185,13 @@ def test_lora_loss_and_gradients_equal_trl(tokenizer, pair_rows, tmp_path):
                             tokenizer=tokenizer)
     assert task.reference_kind == "adapters_disabled"
     ours = dict(task.policy.model.named_parameters())
+
+    def our_name(trl_name: str) -> str:  # TRL wraps the model in a PeftModel; ours has the adapter injected
+        return trl_name.removeprefix("base_model.model.")
+
     with torch.no_grad():
         for name, p in trainer.model.named_parameters():
-            ours[name].copy_(p)
+            ours[our_name(name)].copy_(p)
     trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(B)])
     trl_loss, trl_grads = _trl_loss_and_grads(trainer, trl_batch, "sigmoid", "reverse_kl", 0.5, 0.0)
     batch = task.collate([task.dataset()[i] for i in range(B)])
@@ -195,5 +199,6 @@ def test_lora_loss_and_gradients_equal_trl(tokenizer, pair_rows, tmp_path):
     torch.testing.assert_close(our_loss, trl_loss, rtol=1e-5, atol=1e-5)
     trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n for n in trained)
+    assert sorted(map(our_name, trained)) == sorted(our_grads)  # the same adapters train, nothing else
     for name in trained:
-        torch.testing.assert_close(our_grads[name], trl_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(our_grads[our_name(name)], trl_grads[name], rtol=1e-5, atol=1e-5, msg=name)

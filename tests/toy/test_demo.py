@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from diffdpo.toy.demo import REPO_ROOT, DemoConfig, format_summary, run_demo, tuned_pipeline
+from diffdpo.recipes.demo import REPO_ROOT, DemoConfig, format_summary, run_demo, tuned_pipeline
 from diffdpo.toy.pairs import make_pairs, split_captions
 from diffdpo.toy.shapes import Scene, all_captions, render
 from diffdpo.toy.t2i import load_pipeline
@@ -32,7 +32,7 @@ def test_pairs_round_trip_through_the_pickapic_reader(tmp_path, monkeypatch):
     """Known renders as 'samples': image 0 right, image 1 wrong colour (-> label 1/0); equal ones tie."""
     import diffdpo.toy.t2i as t2i
     from diffdpo.data import PickAPicPairs
-    from diffdpo.rewards.shapes_judge import ShapesJudge
+    from diffdpo.toy.shapes_judge import ShapesJudge
 
     captions = ["a red circle on the left", "a blue square on the top"]
 
@@ -61,7 +61,7 @@ def test_best_of_k_pairs_keep_the_best_and_the_worst(tmp_path, monkeypatch):
     large (fill 1), wrong shape. The pair is (large right, wrong colour + position), labelled 1/0."""
     import diffdpo.toy.t2i as t2i
     from diffdpo.data import PickAPicPairs
-    from diffdpo.rewards.shapes_judge import ShapesJudge
+    from diffdpo.toy.shapes_judge import ShapesJudge
 
     variants = [Scene("red", "circle", "left", size=0.36), Scene("blue", "circle", "right"),
                 Scene("red", "circle", "left", size=0.56), Scene("red", "square", "left")]
@@ -85,7 +85,7 @@ def test_best_of_k_pairs_keep_the_best_and_the_worst(tmp_path, monkeypatch):
 
 def test_reused_pairs_are_counted_and_must_not_leak_held_out_captions(tmp_path):
     from diffdpo.data import write_pickapic_parquet
-    from diffdpo.toy.demo import reuse_pairs
+    from diffdpo.recipes.demo import reuse_pairs
     from diffdpo.toy.pairs import jpeg_bytes
 
     train, held = split_captions(12, seed=0)

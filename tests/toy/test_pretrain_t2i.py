@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from diffdpo.toy.demo import REPO_ROOT
+from diffdpo.recipes.demo import REPO_ROOT
 
 
 def _script():

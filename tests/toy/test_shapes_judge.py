@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffdpo.rewards.shapes_judge import ShapesJudge, attribute_accuracy, judge_image
 from diffdpo.toy.shapes import (
     COLOURS,
     POSITIONS,
@@ -16,6 +15,7 @@ from diffdpo.toy.shapes import (
     random_scene,
     render,
 )
+from diffdpo.toy.shapes_judge import ShapesJudge, attribute_accuracy, judge_image
 
 
 def test_captions_round_trip():

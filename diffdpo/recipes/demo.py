@@ -85,7 +85,7 @@ def _eval_set(captions: list[str], n: int, seed_base: int) -> tuple[list[str], l
 
 def _evaluate(base_pipe: Any, tuned_pipe: Any, judge: Any, caps: list[str], seeds: list[int], cfg: DemoConfig, desc: str):
     from diffdpo.eval.winrate import win_rate
-    from diffdpo.rewards.shapes_judge import attribute_accuracy
+    from diffdpo.toy.shapes_judge import attribute_accuracy
     from diffdpo.toy.t2i import sample_images
 
     kw = dict(steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, progress=True)
@@ -142,12 +142,11 @@ def tuned_pipeline(base: str, lora_dir: str | Path) -> Any:
 def run_demo(cfg: DemoConfig) -> DemoResult:
     import torch
 
-    from diffdpo.config import load_config
     from diffdpo.eval.winrate import read_metrics_jsonl, save_grid, save_training_curves
-    from diffdpo.rewards.shapes_judge import ShapesJudge
     from diffdpo.toy.pairs import make_pairs, split_captions
+    from diffdpo.toy.shapes_judge import ShapesJudge
     from diffdpo.toy.t2i import load_pipeline
-    from diffdpo.train import TrainConfig, train
+    from diffdpo.train import load_train_config, train
 
     t0 = time.time()
     torch.set_num_threads(cfg.threads)
@@ -177,8 +176,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         pairs = new if r == 1 else merge_pairs(sampled, out / f"pairs_rounds_1-{r}.parquet")
 
         print(f"[2/4] {tag}Diffusion-DPO with LoRA on {pairs.rows} pairs (reference = the base, adapters disabled)")
-        train_cfg = load_config(
-            TrainConfig, cfg.train_config,
+        train_cfg = load_train_config(
+            cfg.train_config,
             [f"diffusion.model.pretrained={cfg.base}", f"diffusion.data.source={pairs.path}",
              f"output_dir={out / ('train' if r == cfg.rounds else f'train_round{r}')}",
              f"diffusion.data.cache_dir={out / 'cache'}", f"seed={cfg.seed + 1000 * (r - 1)}", *cfg.train_overrides],

@@ -14,17 +14,24 @@
   reviews of different lengths. An unpaired file with the same reviews labelled by the judge serves KTO.
 * **Evaluation** (:func:`evaluate_policy`): sample reviews for held-out subjects and report the judged
   positive rate; DPO should raise it well above the base policy's ~0.5.
+* **Task** ``tiny_lm`` (:data:`TASK`): the LM task on this world, evaluated before and after training
+  (``diffdpo train --config configs/lm_dpo_tiny.yaml``).
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from diffdpo.config import help_meta
+from diffdpo.lm.config import LMConfig
+from diffdpo.losses import POINTWISE_LOSS_TYPES
+from diffdpo.task import TaskContext, TaskSpec
 
 SUBJECTS = ["the soup", "the film", "the hotel", "the book", "the game", "the song", "the park", "the class",
             "the train", "the shop", "the show", "the trip", "the cafe", "the room", "the team", "the view"]
@@ -222,3 +229,75 @@ def evaluate_policy(model: Any, tokenizer: Any, *, samples_per_prompt: int = 16,
         "eval/judge_score": sum(scores) / len(scores),
         "eval/length_words": sum(len(t.split()) for t in texts) / len(texts),
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# the tiny world as a training task: the LM task on this world's model and data, judged before and after
+
+
+@dataclass
+class TinyLMConfig(LMConfig):
+    """The ``tiny_lm:`` section: an ``lm`` section whose model and data default to the built world."""
+
+    world: str = field(default="runs/tiny_lm_world", metadata=help_meta("folder of the tiny world (built if missing)"))
+    eval_samples_per_prompt: int = field(default=16, metadata=help_meta("sampled reviews per held-out prompt"))
+
+
+class TinyLMTask:
+    """:class:`diffdpo.lm.task.LMPreferenceTask` on the tiny world, with the judge's evaluation handed in:
+    the positive rate of sampled reviews before training and, at export, after (``eval.json``)."""
+
+    def __init__(self, cfg: TinyLMConfig, context: TaskContext) -> None:
+        from diffdpo.lm.task import LMPreferenceTask
+
+        world = build_world(cfg.world, seed=context.seed)
+        pointwise = context.loss_type in POINTWISE_LOSS_TYPES
+        cfg.model.pretrained = cfg.model.pretrained or str(world.model_dir)
+        cfg.data.source = cfg.data.source or str(world.unpaired if pointwise else world.pairs)
+        self.cfg, self.seed = cfg, context.seed
+        self.inner = LMPreferenceTask(cfg, loss_type=context.loss_type, accelerator=context.accelerator,
+                                      seed=context.seed, per_device_batch_size=context.per_device_batch_size,
+                                      gradient_checkpointing=context.gradient_checkpointing)
+        self.initial_eval = self.evaluate()
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the LM task's (policy, tokenizer, ...)
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.inner.trainable_module()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return self.inner.trainable_parameters()
+
+    def dataset(self) -> Any:
+        return self.inner.dataset()
+
+    def collate(self, items: list[Any]) -> Any:
+        return self.inner.collate(items)
+
+    def compute(self, model: torch.nn.Module, batch: Any, keys: torch.Tensor) -> Any:
+        return self.inner.compute(model, batch, keys)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.inner.load_state_dict(state)
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate_policy(self.inner.policy.model, self.inner.tokenizer,
+                               samples_per_prompt=self.cfg.eval_samples_per_prompt, seed=self.seed)
+
+    def export(self, out_dir: Path) -> None:
+        """The LM task's export, plus ``eval.json`` with the judged positive rate before and after."""
+        self.inner.export(out_dir)
+        result = {"before": self.initial_eval, "after": self.evaluate()}
+        (Path(out_dir) / "eval.json").write_text(json.dumps(result, indent=1))
+        print(f"tiny-world evaluation: positive rate {result['before']['eval/positive_rate']:.3f} -> "
+              f"{result['after']['eval/positive_rate']:.3f}")
+
+
+TASK = TaskSpec("tiny_lm", TinyLMConfig, TinyLMTask, default_beta=0.1,
+                description="the LM task on the embedded tiny review world, judged before and after training")

@@ -1,1 +1,0 @@
-"""Scorers that play the labeller: the programmatic judge of the shapes world."""
