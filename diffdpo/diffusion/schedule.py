@@ -22,7 +22,6 @@ accumulation, process count, or whether the run was resumed.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -255,9 +254,3 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def mse_to_logp(mse: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Log-likelihood proxy ``logp = -0.5 * w * mse`` (Wallace et al. 2023, eq. 14, see module docstring)."""
     return -0.5 * (mse if weights is None else weights * mse)
-
-
-def logit_normal_density(t: torch.Tensor, mu: float, sigma: float) -> torch.Tensor:
-    """Density of the logit-normal distribution at ``t`` in (0, 1) (used by tests and plots)."""
-    logit = torch.log(t / (1 - t))
-    return torch.exp(-((logit - mu) ** 2) / (2 * sigma**2)) / (sigma * math.sqrt(2 * math.pi) * t * (1 - t))

@@ -38,23 +38,16 @@ class DemoConfig:
     seed: int = field(default=0, metadata=help_meta("seed of the caption split and of every sample"))
     heldout_captions: int = field(default=12, metadata=help_meta("captions (of 60) never used in pairs"))
     pairs: str = field(default="", metadata=help_meta(
-        "reuse this pairs parquet (e.g. an earlier run's out_dir/pairs.parquet, same seed and heldout_captions) "
-        "instead of sampling new pairs; it must not contain a held-out caption"))
+        "reuse this pairs parquet (same seed and heldout_captions) instead of sampling round 1's pairs"))
     pairs_per_caption: int = field(default=16, metadata=help_meta("pairs sampled per training caption (per round)"))
     rounds: int = field(default=2, metadata=help_meta(
-        "online AI feedback: each round > 1 samples new pairs from the previous round's tuned model, the judge "
-        "labels them, and a fresh adapter trains on all pairs so far (reference: the base). Pairs from the tuned "
-        "model show the judge the model's own drift (e.g. green turning yellow) as losers"))
+        "rounds of online AI feedback: round r > 1 samples pairs from round r-1's model, trains on all pairs"))
     images_per_prompt: int = field(default=6, metadata=help_meta(
-        "images judged per pair; > 2 keeps the best and the worst (best-of-k pairing; 2 = Pick-a-Pic's "
-        "two images per prompt). Measured: 2 -> 55% wins, 4 -> 64.5%, 6 -> 74%"))
+        "images judged per pair; the best and the worst form the pair (2 = Pick-a-Pic's two images)"))
     eval_comparisons: int = field(default=200, metadata=help_meta("same-seed comparisons over all captions"))
     eval_heldout_comparisons: int = field(default=96, metadata=help_meta("same-seed comparisons on held-out captions"))
     sample_steps: int = field(default=15, metadata=help_meta("DDIM steps per evaluation sample"))
-    pair_steps: int = field(default=15, metadata=help_meta(
-        "DDIM steps per pair sample (the 9,216 pair images are most of the demo's time). Measured: 10 steps "
-        "take 0.6x the time and judge as well on the base, but the demo then won 71.5% / 64.5% (seeds 0 / 1) "
-        "against 76.5% / 78.5% with 15"))
+    pair_steps: int = field(default=15, metadata=help_meta("DDIM steps per pair sample (most of the demo's time)"))
     guidance_scale: float = field(default=3.0, metadata=help_meta("classifier-free guidance scale"))
     tie_margin: float = field(default=0.1, metadata=help_meta("judge score difference at or below which a pair is a tie"))
     threads: int = field(default=2, metadata=help_meta("torch CPU threads"))

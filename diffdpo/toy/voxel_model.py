@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from diffdpo.diffusion.schedule import DDPMSchedule, FlowMatchingSchedule
+from diffdpo.diffusion.schedule import DDPMSchedule, FlowMatchingSchedule, build_schedule
 from diffdpo.toy.voxels import (
     CLASSES,
     GRID,
@@ -74,14 +74,15 @@ def build_unet(seed: int = 0, block_out_channels: Sequence[int] = (32, 64, 64)) 
     )
 
 
-def build_schedule(objective: Objective) -> DDPMSchedule | FlowMatchingSchedule:
-    """The training schedule of an objective (cosine DDPM for sample/epsilon; rectified flow)."""
+def objective_schedule(objective: Objective) -> DDPMSchedule | FlowMatchingSchedule:
+    """The training schedule of an objective (cosine DDPM for sample/epsilon; rectified flow), through
+    the shared :func:`diffdpo.diffusion.schedule.build_schedule`."""
     if objective == "flow":
-        return FlowMatchingSchedule(logit_mean=0.0, logit_std=1.0, timestep_scale=1000.0)
+        return build_schedule(None, "flow", logit_mean=0.0, logit_std=1.0, timestep_scale=1000.0)
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=objective)
-    return DDPMSchedule.from_scheduler(sched, objective)
+    return build_schedule(sched, objective)
 
 
 class VoxelGenerator:
@@ -94,7 +95,7 @@ class VoxelGenerator:
     def __init__(self, network: Any, objective: Objective = "sample", *, sample_steps: int = 25,
                  sample_batch: int = 128, mesh_keep: str = "largest") -> None:
         self.network, self.objective = network, objective
-        self.schedule = build_schedule(objective)
+        self.schedule = objective_schedule(objective)
         self.sample_steps, self.sample_batch, self.mesh_keep = sample_steps, sample_batch, mesh_keep
 
     @classmethod

@@ -57,7 +57,7 @@ def _centred(size: int) -> tuple[int, int]:
 def make_table(rng: np.random.Generator) -> np.ndarray:
     """A slab top on legs: four legs (2 in 5), legs missing on one side (2 in 5) or clustered under an
     overhang (1 in 5). 44% stand in simulation, within the other classes' 35-61% (the first world drew four
-    legs 1 in 4 times: 27% stood, and tables were the weakest class of most DSO runs; docs/dso.md)."""
+    legs 1 in 4 times: 27% stood, and tables were the weakest class of most DSO runs; docs/results/dso.md)."""
     occ = np.zeros((GRID,) * 3, dtype=bool)
     w, d = _ri(rng, 9, 14), _ri(rng, 6, 11)
     h, t, leg = _ri(rng, 5, 9), _ri(rng, 1, 2), 2

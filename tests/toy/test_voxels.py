@@ -34,7 +34,7 @@ def test_every_class_has_variety_and_the_world_has_a_fair_share_of_unstable_obje
 def test_every_class_is_between_30_and_70_percent_stable_in_simulation():
     # Per class, not only overall: a class whose data is mostly unstable makes "stable and still of its
     # class" a reward the generator can only earn by leaving its data. The first world's tables were
-    # 26% stable here and the weakest class of most DSO runs (docs/dso.md, "The second world"); now
+    # 26% stable here and the weakest class of most DSO runs (docs/results/dso.md, "The second world"); now
     # 48%, and the least stable class (lamps) 36%.
     objects = make_objects(100, seed=3)
     results = sim.score_meshes([occupancy_to_mesh(o.occupancy) for o in objects], workers=0)
