@@ -57,11 +57,30 @@ def test_bootstrap_close_to_wilson_for_large_n():
     assert lo < 0.7 < hi
 
 
-def test_plots_are_written(tmp_path):
+def test_the_grid_shows_each_image_set_in_its_own_row(tmp_path):
+    """Base row black, tuned row mid grey: read back, the top half holds the black pixels and the
+    bottom half the grey ones (a swapped, missing or blank row fails)."""
     import numpy as np
+    from PIL import Image
 
     imgs = np.zeros((3, 16, 16, 3), dtype=np.uint8)
-    p = save_grid(tmp_path / "grid.png", [imgs, imgs + 255], ["base", "tuned"], ["a", "b", "c"])
+    p = save_grid(tmp_path / "grid.png", [imgs, imgs + 128], ["base", "tuned"], ["a", "b", "c"])
+    px = np.asarray(Image.open(p).convert("L")).astype(int)
+    top, bottom = px[: len(px) // 2], px[len(px) // 2 :]
+    black, grey = (px < 20), (abs(px - 128) < 10)
+    assert black[: len(px) // 2].sum() > 3 * 40 * 40 and black[len(px) // 2 :].sum() < black.sum() * 0.05
+    assert grey[len(px) // 2 :].sum() > 3 * 40 * 40 and (abs(top - 128) < 10).sum() < grey.sum() * 0.05
+    assert bottom.shape[1] > 2 * bottom.shape[0] // 2  # three columns side by side
+
+
+def test_training_curves_draw_one_panel_per_metric(tmp_path):
+    """Each key gets a panel with a drawn line; a key absent from the rows leaves its panel empty."""
+    import numpy as np
+    from PIL import Image
+
     rows = [{"step": i, "loss": math.log(2) - 0.01 * i, "rewards/accuracies": 0.5} for i in range(30)]
-    q = save_training_curves(tmp_path / "curves.png", rows, ["loss", "rewards/accuracies"])
-    assert p.stat().st_size > 1000 and q.stat().st_size > 1000
+    q = save_training_curves(tmp_path / "curves.png", rows, ["loss", "rewards/accuracies", "absent"])
+    px = np.asarray(Image.open(q).convert("RGB")).astype(int)
+    coloured = (px.max(axis=2) - px.min(axis=2)) > 60  # line pixels (blue/orange), not black text or white
+    thirds = np.array_split(coloured, 3, axis=1)
+    assert thirds[0].sum() > 200 and thirds[1].sum() > 200 and thirds[2].sum() == 0

@@ -121,7 +121,11 @@ def test_shortened_demo_runs_and_writes_its_report(tmp_path):
     assert report["pairs"]["rows"] == 48 and report["pairs"]["decided"] + report["pairs"]["ties"] == 48
     for key in ("colour", "shape", "position"):
         assert 0.0 <= report["accuracy_tuned"][key] <= 1.0
-    assert result.grid_path.stat().st_size > 0 and result.curves_path.stat().st_size > 0
+    from PIL import Image
+
+    grid, curves = Image.open(result.grid_path), Image.open(result.curves_path)
+    assert grid.format == curves.format == "PNG" and grid.width > grid.height  # 2 rows of 8 comparisons
+    assert curves.width > 2 * curves.height  # three metric panels side by side
     assert "win rate tuned vs base" in format_summary(report)
     assert set(report["seconds_by_phase"]) == {"sampling_and_judging_pairs", "training", "evaluation"}
     assert sum(report["seconds_by_phase"].values()) <= report["seconds"]
