@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Align generative models with preference and simulation feedback "
         "(Diffusion-DPO, DSO, direct alignment losses).",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also: DIFFDPO_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for register in _REGISTRARS:
@@ -157,15 +159,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Errors a user can fix: one line and exit status 2 instead of a traceback. Bugs (TypeError,
+#: AttributeError, RuntimeError, ...) keep their traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
+                                                 IsADirectoryError, PermissionError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    from diffdpo.config import ConfigError
-
+    debug = args.debug or os.environ.get("DIFFDPO_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
-        parser.exit(2, f"diffdpo {args.command}: {exc}\n")
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        parser.exit(2, f"diffdpo {args.command}: error: {message}\n(diffdpo --debug {args.command} ... shows the traceback)\n")
     return 0
 
 

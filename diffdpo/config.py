@@ -22,7 +22,12 @@ def help_meta(text: str) -> dict[str, str]:
     return {"help": text}
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A mistake the user can fix (bad data, path, output folder or value): the command line prints its
+    message on one line and exits 2, with no traceback (``--debug`` shows it)."""
+
+
+class ConfigError(UserError):
     """A config file or override that does not fit the config dataclass."""
 
 
@@ -31,6 +36,40 @@ def _parse_overrides(overrides: Sequence[str]) -> list[str]:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-4)")
     return list(overrides)
+
+
+_YAML_WORDS = {"no", "yes", "on", "off", "y", "n", "true", "false"}
+
+
+def _field_type(cls: Any, dotted: str) -> Any:
+    """The annotation of the (nested) dataclass field ``dotted`` of ``cls``, or ``None``."""
+    import typing
+
+    for i, name in enumerate(dotted.split(".")):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # noqa: BLE001 (unresolvable annotations: no special handling)
+            return None
+        if name not in hints:
+            return None
+        cls = hints[name]
+        if i < len(dotted.split(".")) - 1 and not dataclasses.is_dataclass(cls):
+            return None
+    return cls
+
+
+def _quote_words(cls: Any, overrides: Sequence[str]) -> list[str]:
+    """``mixed_precision=no`` means the string ``no``: YAML would read it as ``False``. Quote such words
+    for fields that are not booleans."""
+    out = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if value.lower() in _YAML_WORDS and _field_type(cls, key.strip()) not in (bool, None):
+            item = f"{key}='{value}'"
+        out.append(item)
+    return out
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
@@ -57,7 +96,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         if overrides:
             where = "the command line" + (f" (over {str(path)!r})" if path is not None else "")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(_parse_overrides(overrides)))
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(_quote_words(cls, _parse_overrides(overrides))))
         where = repr(str(path)) if path is not None else "the command line"
         if overrides and path is not None:
             where = f"{str(path)!r} with the command-line overrides"

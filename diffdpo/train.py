@@ -147,6 +147,8 @@ class TrainConfig:
         default=True, metadata=help_meta("also export usable weights into each checkpoint (LoRA: small; full: large)")
     )
     resume_from: str | None = field(default=None, metadata=help_meta("checkpoint folder, or 'latest' in output_dir"))
+    overwrite: bool = field(default=False, metadata=help_meta(
+        "start afresh in an output_dir that holds another run (its checkpoints, metrics and final weights are deleted)"))
     max_consecutive_nonfinite: int = field(
         default=5, metadata=help_meta("stop after this many optimizer steps in a row with a non-finite loss")
     )
@@ -604,12 +606,24 @@ def find_checkpoint(cfg: TrainConfig) -> Path | None:
     return done[-1] if done else None
 
 
+def _check_shapes(saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor], path: Path) -> None:
+    from diffdpo.config import UserError
+
+    for name, value in saved.items():
+        if name in current and tuple(current[name].shape) != tuple(value.shape):
+            raise UserError(f"checkpoint {str(path)!r} was made with another model shape: {name} is "
+                            f"{tuple(value.shape)} there, {tuple(current[name].shape)} here (a different LoRA rank "
+                            "or model?); resume with the checkpoint's config.yaml settings")
+
+
 def load_checkpoint(tr: Trainer, path: Path) -> None:
     """Restore weights, optimizer, LR schedule, grad scaler, RNG and data position from ``path``."""
     from safetensors.torch import load_file
 
     extra = json.loads((path / "trainer_state.json").read_text())
-    tr.task.load_state_dict(load_file(str(path / "model.safetensors")))
+    saved = load_file(str(path / "model.safetensors"))
+    _check_shapes(saved, tr.task.state_dict(), path)
+    tr.task.load_state_dict(saved)
     opt_tensors = load_file(str(path / "optimizer.safetensors"))
     tr.optimizer.load_state_dict(_join_optimizer_state(opt_tensors, extra["optimizer"]))
     tr.lr_scheduler.load_state_dict(extra["lr_scheduler"])
@@ -636,6 +650,8 @@ def setup(cfg: TrainConfig, task: PreferenceTask | None = None) -> Trainer:
             raise ValueError("loss.beta must be set when a task object is handed to the loop")
         cfg.loss.beta = get_task(cfg.task).default_beta
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    prepare_output_dir(cfg, main_process=accelerator.is_main_process)  # before loading models: fail fast
+    accelerator.wait_for_everyone()
     set_seed(cfg.seed)
     task = task if task is not None else build_task(cfg, accelerator)
     accumulation = resolve_accumulation(cfg, accelerator.num_processes)
@@ -649,7 +665,56 @@ def setup(cfg: TrainConfig, task: PreferenceTask | None = None) -> Trainer:
     if checkpoint is not None:
         load_checkpoint(tr, checkpoint)
         accelerator.print(f"resumed from {checkpoint} at step {tr.state.step}")
+    if accelerator.is_main_process:
+        _truncate_metrics(Path(cfg.output_dir) / "metrics.jsonl", tr.state.step)  # one run per metrics file
     return tr
+
+
+_RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "final", "tensorboard")
+
+
+def prepare_output_dir(cfg: TrainConfig, *, main_process: bool = True) -> None:
+    """Refuse an output_dir that holds another run unless resuming or told to overwrite; check it is writable.
+
+    A run in a folder with earlier checkpoints, metrics or final weights would prune or mix them.
+    """
+    from diffdpo.config import UserError
+
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir={str(out)!r} is a file; choose a folder")
+    earlier = [name for name in _RUN_OUTPUTS if (out / name).exists()]
+    steps = sorted(p.name for p in (out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
+    if earlier and not cfg.resume_from and not cfg.overwrite:
+        held = f"checkpoints up to {steps[-1]}" if steps else ", ".join(earlier)
+        raise UserError(f"output_dir={str(out)!r} already holds a run ({held}): continue it with resume_from=latest, "
+                        "start afresh with overwrite=true (deletes its checkpoints, metrics and final weights), "
+                        "or choose another output_dir")
+    if cfg.resume_from and cfg.overwrite:
+        raise UserError("resume_from and overwrite=true contradict each other: choose one")
+    if not main_process:
+        return
+    if cfg.overwrite:
+        for name in earlier:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"output_dir={str(out)!r} is not writable ({exc.strerror or exc}); choose another folder") from exc
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the rows of ``metrics.jsonl`` up to ``step`` (the resumed run appends the rest)."""
+    if not path.is_file():
+        return
+    rows = path.read_text().splitlines()
+    kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
+    if len(kept) != len(rows):
+        path.write_text("".join(r + "\n" for r in kept))
 
 
 @dataclass
@@ -683,9 +748,20 @@ def run(tr: Trainer) -> TrainResult:
     stats = getattr(tr.task.dataset(), "stats", None)
     if stats is not None and hasattr(stats, "summary"):
         acc.print(stats.summary())  # rows read, ties dropped, corrupt rows skipped (this process's view)
+    if history and sum(h.get("pairs", 0.0) for h in history) == 0:
+        from diffdpo.config import UserError
+
+        raise UserError(f"no usable example in {len(history)} steps: every batch was empty (all rows undecodable?)"
+                        + (f"; {stats.summary()}" if stats is not None and hasattr(stats, "summary") else ""))
     final = Path(cfg.output_dir) / "final"
-    if acc.is_main_process:
-        tr.task.export(final)
+    if acc.is_main_process:  # export beside, then rename: an interrupted export never looks complete
+        tmp = final.with_name(".final.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tr.task.export(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
     acc.wait_for_everyone()
     return TrainResult(tr.state.step, final, history, tr.state.nonfinite_total)
 

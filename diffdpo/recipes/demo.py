@@ -173,7 +173,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
             cfg.train_config,
             [f"diffusion.model.pretrained={cfg.base}", f"diffusion.data.source={pairs.path}",
              f"output_dir={out / ('train' if r == cfg.rounds else f'train_round{r}')}",
-             f"diffusion.data.cache_dir={out / 'cache'}", f"seed={cfg.seed + 1000 * (r - 1)}", *cfg.train_overrides],
+             f"diffusion.data.cache_dir={out / 'cache'}", f"seed={cfg.seed + 1000 * (r - 1)}",
+             "overwrite=true", *cfg.train_overrides],  # the demo's own folder: a rerun replaces it
         )
         shutil.rmtree(out / "cache", ignore_errors=True)  # the pairs were just (re-)sampled: encode them afresh
         t_train = time.time()

@@ -47,6 +47,7 @@ def _train_config(cfg: DSOConfig, out_dir: Path, round_index: int, n_items: int)
     return TrainConfig(task="dso", output_dir=str(out_dir), seed=round_seed(cfg.seed, round_index),
                        max_steps=round_steps(cfg, n_items), per_device_batch_size=min(cfg.batch_size, n_items),
                        tensorboard=False, progress_bar=False, checkpoint_every=0, log_every=10, loss=cfg.loss,
+                       overwrite=True,  # the round's own folder: a rerun of the recipe replaces it
                        optim=replace(cfg.optim, lr=cfg.optim.lr * cfg.lr_decay_per_round ** (round_index - 1)))
 
 
