@@ -143,3 +143,26 @@ def save_config(cfg: Any, path: str | Path) -> None:
     import yaml
 
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def check_model_source(value: str, key: str) -> bool:
+    """Fail early, with the config key, on a model path that cannot load; returns whether it is local.
+
+    A value that names an existing folder is local. One that looks like a path (absolute, relative with
+    ``.``, ``~`` or more than one ``/``) but does not exist is an error, never a hub lookup; a hub-shaped id
+    (``org/name``) is an error only when the hub is switched off (``HF_HUB_OFFLINE=1``).
+    """
+    import os
+
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return True
+    if path.exists():
+        raise UserError(f"{key}={value!r} is a file; it must be a model folder or a hub id")
+    looks_local = value.startswith((".", "/", "~")) or value.count("/") != 1 or "\\" in value
+    if looks_local:
+        raise UserError(f"{key}={value!r}: no such local folder (a hub id looks like 'org/name')")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise UserError(f"{key}={value!r} is not a local folder and the hub is offline (HF_HUB_OFFLINE=1); "
+                        "pass a local path")
+    return False

@@ -291,8 +291,12 @@ def micro_batches(task: PreferenceTask, cfg: TrainConfig, accelerator: Any, stat
     dataset = task.dataset()
     n, world = len(dataset), accelerator.num_processes
     if n < cfg.per_device_batch_size * world:
-        raise ValueError(f"the dataset has {n} items, fewer than one global batch "
-                         f"({cfg.per_device_batch_size} x {world} processes)")
+        from diffdpo.config import UserError
+
+        stats = getattr(dataset, "stats", None)
+        counts = f"; {' '.join(stats.summary().split())}" if stats is not None and hasattr(stats, "summary") else ""
+        raise UserError(f"the dataset has {n} items, fewer than one global batch "
+                        f"({cfg.per_device_batch_size} x {world} processes){counts}")
     while True:
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(state.epoch)

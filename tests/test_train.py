@@ -136,3 +136,36 @@ def test_effective_batch_size_sets_accumulation_and_scales_lr(tmp_path):
     assert tr.accumulation == 2 and tr.effective_batch_size == 8 and tr.lr == pytest.approx(8e-3)
     with pytest.raises(ValueError, match="multiple"):
         setup(_cfg(tmp_path, effective_batch_size=6), ToyTask())
+
+
+class _BrokenExport(ToyTask):
+    """Writes half its export, then dies (a kill during the final export)."""
+
+    def export(self, out_dir: Path):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "half.bin").write_bytes(b"x")
+        raise KeyboardInterrupt
+
+
+def test_an_interrupted_final_export_never_looks_complete(tmp_path):
+    train(_cfg(tmp_path), ToyTask())
+    before = sorted(p.name for p in (tmp_path / "final").iterdir())
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path, overwrite=True), _BrokenExport())
+    assert not (tmp_path / "final").exists()  # the old run's weights were deleted by overwrite=true, no half export
+    assert before == ["toy.pt"] and (tmp_path / ".final.tmp" / "half.bin").is_file()
+    train(_cfg(tmp_path, overwrite=True), ToyTask())
+    assert sorted(p.name for p in (tmp_path / "final").iterdir()) == ["toy.pt"]
+
+
+def test_output_dir_problems_are_named_before_training(tmp_path):
+    from diffdpo.config import UserError
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="is a file"):
+        train(_cfg(tmp_path / "file"), ToyTask())
+    train(_cfg(tmp_path / "run"), ToyTask())
+    with pytest.raises(UserError, match="already holds a run"):
+        train(_cfg(tmp_path / "run"), ToyTask())
+    with pytest.raises(UserError, match="contradict"):
+        train(_cfg(tmp_path / "run", resume_from="latest", overwrite=True), ToyTask())

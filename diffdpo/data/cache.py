@@ -395,6 +395,17 @@ def _finalize(out: Path, dataset: PickAPicPairs, plan: dict[str, Any], unique: l
 # --------------------------------------------------------------------------------------------------
 
 
+def _stats_from_manifest(manifest: dict[str, Any]) -> Any:
+    """The :class:`PairStats` of the build (``corrupt_rows`` are not kept in the manifest), or ``None``."""
+    from diffdpo.data.selection import PairStats
+
+    saved = manifest.get("dataset_stats")
+    if not isinstance(saved, dict):
+        return None
+    known = {f.name for f in dataclasses.fields(PairStats)}
+    return PairStats(**{k: v for k, v in saved.items() if k in known})
+
+
 class CachedPairs(torch.utils.data.Dataset):
     """Pairs from a complete cache written by :func:`build_cache` (``cache_dir/key``).
 
@@ -419,6 +430,7 @@ class CachedPairs(torch.utils.data.Dataset):
         if manifest.get("format") != CACHE_FORMAT or manifest.get("version") != CACHE_VERSION:
             raise ValueError(f"{manifest_path}: not a {CACHE_FORMAT} v{CACHE_VERSION} manifest; rebuild the cache")
         self.manifest: dict[str, Any] = manifest
+        self.stats = _stats_from_manifest(manifest)  # what the reader kept and dropped when the cache was built
         rows = pq.read_table(self.path / "rows.parquet")
         self._row_ids = rows.column("row_id").combine_chunks()
         self._caption_index = rows.column("caption_index").to_numpy()

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from diffdpo.adapters import adapters_disabled, has_lora, tuner_layers
+from diffdpo.config import check_model_source
 from diffdpo.diffusion.conditioning import Conditioner, ModelKind, unet_forward
 
 
@@ -53,26 +54,57 @@ def load_components(
     """
     from diffusers import AutoencoderKL, DDPMScheduler
 
-    common = {"revision": revision}
+    local = check_pipeline(pretrained, kind)
+    common: dict[str, Any] = {"revision": revision}
+    # a local folder with safetensors never falls back to pickled weights
+    weights = {"use_safetensors": True} if local and any(Path(pretrained).rglob("*.safetensors")) else {}
     scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **common)
     unet = vae = None
     tokenizers: list[Any] = []
     encoders: list[Any] = []
     if load_unet:
         unet = unet_class(pretrained).from_pretrained(
-            pretrained, subfolder="unet", variant=variant, torch_dtype=unet_dtype, **common
+            pretrained, subfolder="unet", variant=variant, torch_dtype=unet_dtype, **common, **weights
         )
     if load_encoders:
         if vae_path:
+            check_model_source(vae_path, "diffusion.model.vae")
             vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=vae_dtype)
         else:
             vae = AutoencoderKL.from_pretrained(
-                pretrained, subfolder="vae", variant=variant, torch_dtype=vae_dtype, **common
+                pretrained, subfolder="vae", variant=variant, torch_dtype=vae_dtype, **common, **weights
             )
-        tokenizers, encoders = _load_text_stack(pretrained, kind, variant, text_encoder_dtype, common)
+        tokenizers, encoders = _load_text_stack(pretrained, kind, variant, text_encoder_dtype, common, weights)
         for module in [vae, *encoders]:
             module.requires_grad_(False).eval()
     return DiffusionComponents(kind, unet, vae, tokenizers, encoders, scheduler)
+
+
+def check_pipeline(pretrained: str, kind: ModelKind) -> bool:
+    """Check a pipeline source before loading; a local folder's ``model_index.json`` must match ``kind``.
+
+    Returns whether the source is a local folder. An SDXL folder loaded as ``sd15`` (or the reverse) is
+    an error naming the pipeline class and the setting to use, not a failure deep inside diffusers.
+    """
+    import json
+
+    from diffdpo.config import UserError
+
+    if not check_model_source(pretrained, "diffusion.model.pretrained"):
+        return False
+    index = Path(pretrained) / "model_index.json"
+    if not index.is_file():
+        if not (Path(pretrained) / "unet").is_dir():
+            raise UserError(f"diffusion.model.pretrained={pretrained!r} is not a diffusers pipeline folder "
+                            "(no model_index.json, no unet/)")
+        return True
+    name = str(json.loads(index.read_text()).get("_class_name", ""))
+    is_xl = "XL" in name
+    if is_xl != (kind == "sdxl"):
+        want = "sdxl" if is_xl else "sd15"
+        raise UserError(f"diffusion.model.pretrained={pretrained!r} holds a {name} but diffusion.model.kind={kind}: "
+                        f"set diffusion.model.kind={want}")
+    return True
 
 
 #: UNet subclasses of this package, by the ``_class_name`` their saved ``unet/config.json`` records.
@@ -98,19 +130,20 @@ def unet_class(pretrained: str) -> type:
 
 
 def _load_text_stack(
-    pretrained: str, kind: ModelKind, variant: str | None, dtype: torch.dtype, common: dict[str, Any]
+    pretrained: str, kind: ModelKind, variant: str | None, dtype: torch.dtype, common: dict[str, Any],
+    weights: dict[str, Any] | None = None,
 ) -> tuple[list[Any], list[Any]]:
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     # AutoTokenizer: CLIP's BPE for SD repos, or whatever tokenizer a (toy) pipeline folder saved
     tokenizers = [AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **common)]
     encoders = [CLIPTextModel.from_pretrained(
-        pretrained, subfolder="text_encoder", variant=variant, dtype=dtype, **common
+        pretrained, subfolder="text_encoder", variant=variant, dtype=dtype, **common, **(weights or {})
     )]
     if kind == "sdxl":
         tokenizers.append(AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", **common))
         encoders.append(CLIPTextModelWithProjection.from_pretrained(
-            pretrained, subfolder="text_encoder_2", variant=variant, dtype=dtype, **common
+            pretrained, subfolder="text_encoder_2", variant=variant, dtype=dtype, **common, **(weights or {})
         ))
     return tokenizers, encoders
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from diffdpo.config import check_model_source
 from diffdpo.lm.config import LMModelConfig
 
 
@@ -16,6 +17,7 @@ def load_tokenizer(cfg: LMModelConfig) -> Any:
     from transformers import AutoTokenizer
 
     name = cfg.tokenizer or cfg.pretrained
+    check_model_source(name, "lm.model.tokenizer" if cfg.tokenizer else "lm.model.pretrained")
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as exc:
@@ -28,12 +30,17 @@ def load_tokenizer(cfg: LMModelConfig) -> Any:
 
 def load_causal_lm(cfg: LMModelConfig, dtype: torch.dtype) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` with the configured attention implementation and dtype."""
+    from pathlib import Path
+
     from transformers import AutoModelForCausalLM
 
+    local = check_model_source(cfg.pretrained, "lm.model.pretrained")
+    # a local folder with safetensors never falls back to pickled weights
+    weights = {"use_safetensors": True} if local and any(Path(cfg.pretrained).glob("*.safetensors")) else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.pretrained, revision=cfg.revision, dtype=dtype, attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code,
+            trust_remote_code=cfg.trust_remote_code, **weights,
         )
     except OSError as exc:
         raise FileNotFoundError(f"could not load a causal LM from lm.model.pretrained={cfg.pretrained!r}: {exc}") from exc
