@@ -47,6 +47,16 @@ from diffdpo.task import LogpsOut, load_trainable_state_dict, trainable_state_di
 NOISE_STREAM, DROPOUT_STREAM = 0, 1
 
 
+def _check_data_source(source: str) -> None:
+    """A local-looking Pick-a-Pic source (a path, not a glob or a hub dataset) must exist."""
+    from diffdpo.config import UserError
+
+    if not isinstance(source, str) or any(c in source for c in "*?[") or Path(source).expanduser().exists():
+        return
+    if source.startswith((".", "/", "~")) or source.endswith(".parquet") or source.count("/") != 1:
+        raise UserError(f"diffusion.data.source={source!r}: no such file or folder")
+
+
 class DiffusionPreferenceTask:
     """SD1.5/SDXL Diffusion-DPO on Pick-a-Pic-style pairs, from raw images or a latent cache."""
 
@@ -55,6 +65,7 @@ class DiffusionPreferenceTask:
         self.cfg, self.seed = cfg, seed
         self.device = accelerator.device
         weight_dtype = mixed_precision_dtype(accelerator.mixed_precision)
+        _check_data_source(cfg.data.source)  # before loading the model: a typo costs nothing
         self.components = components if components is not None else self._load(weight_dtype)
         self.kind = self.components.kind
         self.unet = self.components.unet

@@ -111,3 +111,9 @@ def test_training_from_the_cache_prints_the_data_summary(sd15_dir, tmp_path, cap
     assert main(["train", "--config", TINY, *args]) == 0
     out = capsys.readouterr()
     assert "4 kept of 6 rows read" in out.out + out.err and "2 ties" in out.out + out.err
+
+
+def test_a_missing_data_source_fails_before_the_model_loads(tmp_path, capsys):
+    """The model path does not exist either: the data error comes first, so nothing was loaded."""
+    line = _fails(capsys, *tiny_overrides(tmp_path / "no_model", tmp_path / "no_data.parquet", tmp_path / "a"), *QUIET)
+    assert "diffusion.data.source" in line and "no_data.parquet" in line
