@@ -150,11 +150,13 @@ def register_task(spec: TaskSpec, *, replace: bool = False) -> TaskSpec:
     return spec
 
 
-def _load_entry_points() -> None:
+def _load_entry_points(name: str | None = None) -> None:
+    """Register the built-in tasks declared as entry points (only ``name``'s when given: loading one
+    modality's config imports no other modality)."""
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=_ENTRY_POINT_GROUP):
-        if ep.name not in _REGISTRY:
+        if ep.name not in _REGISTRY and (name is None or ep.name == name):
             spec = ep.load()
             if not isinstance(spec, TaskSpec):
                 raise TypeError(f"entry point {ep.value!r} ({_ENTRY_POINT_GROUP}) is not a TaskSpec")
@@ -172,7 +174,7 @@ def get_task(name: str) -> TaskSpec:
         except ImportError as exc:
             raise ValueError(f"task {module}:{name}: cannot import {module!r} ({exc})") from exc
     if name not in _REGISTRY:
-        _load_entry_points()
+        _load_entry_points(name)
     if name not in _REGISTRY:
         raise ValueError(f"unknown task {name!r}; registered: {', '.join(task_names())} "
                          "(or 'package.module:name' for a task that module registers)")

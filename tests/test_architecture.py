@@ -82,3 +82,11 @@ def test_loading_the_core_and_training_a_config_loads_no_modality_module():
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(",")
     assert not [m for m in loaded if m.strip().startswith(tuple(f"{p}." for p in ("diffdpo.recipes", "diffdpo.dso")))]
     assert not [m for m in loaded if m.strip() in ("diffdpo.diffusion.task", "diffdpo.lm.task", "diffdpo.toy.tiny_lm")]
+
+
+def test_finding_one_task_imports_no_other_modality():
+    code = ("import sys\nfrom diffdpo.task import get_task\nget_task('diffusion')\n"
+            "print(','.join(sorted(m for m in sys.modules if m.startswith('diffdpo.'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert "diffdpo.diffusion.config" in loaded.split(",")
+    assert not [m for m in loaded.split(",") if m.startswith(("diffdpo.lm", "diffdpo.toy", "diffdpo.dso"))], loaded
