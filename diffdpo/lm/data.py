@@ -16,7 +16,9 @@ Sources: a local ``.jsonl``/``.json``/``.parquet`` file, a folder written by
 Tokenisation follows TRL so our batches equal DPOTrainer's token for token: the prompt and
 prompt + completion are tokenised separately, the completion starts where they diverge (token merges
 across the boundary stay in the completion), and for standard data an EOS token is appended to each
-completion that lacks it.
+completion that lacks it. Rows whose prompt loses its last token(s) that way (a token merging across the
+boundary, or a chat template rendering the prompt alone differently) are counted and reported in one
+warning per dataset, as TRL warns.
 
 Truncation rules, applied per example in this order:
 
@@ -33,6 +35,13 @@ Truncation rules, applied per example in this order:
    is **skipped and reported** (count, row numbers and reason in :attr:`TokenizedDataset.skipped`, and a
    warning), never turned into a zero-length sequence whose averaged log-prob would be 0/0 = NaN.
 
+KTO's mismatched pairs (:func:`assign_kl_completions`) follow TRL's KTOTrainer: example i's KL sequence
+is its own prompt followed by its neighbour's *whole* completion, then cut by the same ``max_length``
+rule, so a completion is never reused as cut for the neighbour's prompt.
+
+Bad input raises a one-line :class:`ValueError` naming the file, the line (while reading a ``.jsonl``)
+or the row (counted from 0 over the data rows), and what to do.
+
 Dense DPO (RLHF-V, Yu et al. 2023, "RLHF-V: Towards Trustworthy MLLMs via Behavior Alignment from
 Fine-grained Correctional Human Feedback", arXiv 2312.00849, Sec. 3.2 "DDPO"): the chosen response is a
 correction of the rejected one; tokens in the corrected segments weigh ``gamma`` (> 1) and the rest 1,
@@ -43,6 +52,7 @@ that are not in a common run are the corrected (chosen) or the replaced (rejecte
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import hashlib
 import json
@@ -91,7 +101,10 @@ class TokenizedDataset(torch.utils.data.Dataset):
     """Tokenised examples (dicts of token-id lists) plus the report of skipped rows.
 
     Paired items: ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (+ ``chosen_weights``,
-    ``rejected_weights`` for dense DPO). Unpaired items: ``prompt_ids``, ``completion_ids``, ``label``.
+    ``rejected_weights`` for dense DPO). Unpaired items: ``prompt_ids``, ``completion_ids``, ``label``
+    (+ ``uncut_prompt_ids`` / ``uncut_completion_ids``, the ids before the ``max_length`` cut where it
+    changed them, and after :func:`assign_kl_completions` ``kl_completion_ids``, and ``kl_prompt_ids``
+    where the KL sequence's prompt differs from ``prompt_ids``).
     Every item carries ``index`` (its position here) and ``row`` (its row in the source).
     """
 
@@ -99,6 +112,7 @@ class TokenizedDataset(torch.utils.data.Dataset):
     paired: bool
     skipped: list[Skipped] = field(default_factory=list)
     source: str = "<memory>"
+    options: TokenizeOptions = field(default_factory=TokenizeOptions)  # how the items were cut
 
     def __len__(self) -> int:
         return len(self.items)
@@ -131,13 +145,22 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
 def load_rows(source: str | Path | Sequence[dict] | Any, split: str = "train") -> tuple[list[dict], str]:
     """Rows of a preference dataset as dicts, and a name for messages (see the module docstring)."""
+    rows, name, _ = _load_rows(source, split)
+    return rows, name
+
+
+def _load_rows(source: Any, split: str) -> tuple[list[dict], str, list[int] | None]:
+    """Rows, a name for messages, and each row's line in a ``.jsonl`` file (None for other sources)."""
     if isinstance(source, (list, tuple)):
-        return [dict(r) for r in source], "<rows>"
+        for n, r in enumerate(source):
+            _check_is_object(r, f"<rows>, row {n}")
+        return [dict(r) for r in source], "<rows>", None
     if hasattr(source, "to_list") and hasattr(source, "column_names"):  # datasets.Dataset
-        return source.to_list(), "<datasets.Dataset>"
+        return source.to_list(), "<datasets.Dataset>", None
     path = Path(str(source))
     if path.is_file():
-        return _read_file(path), str(path)
+        rows, lines = _read_file(path)
+        return rows, str(path), lines
     if path.is_dir():
         from datasets import load_from_disk
 
@@ -146,7 +169,7 @@ def load_rows(source: str | Path | Sequence[dict] | Any, split: str = "train") -
             if split not in ds:
                 raise ValueError(f"{path} has splits {list(ds.keys())}, not {split!r}; set lm.data.split")
             ds = ds[split]
-        return ds.to_list(), str(path)
+        return ds.to_list(), str(path), None
     if str(source).endswith((".jsonl", ".json", ".parquet")):
         raise FileNotFoundError(f"preference data file {str(source)!r} does not exist")
     name, _, name_split = str(source).partition(":")
@@ -159,26 +182,102 @@ def load_rows(source: str | Path | Sequence[dict] | Any, split: str = "train") -
             f"could not load preference data {str(source)!r}: not a local file or folder, and loading it as a "
             f"datasets hub id failed ({type(exc).__name__}: {exc}). Give a .jsonl/.json/.parquet path."
         ) from exc
-    return ds.to_list(), str(source)
+    return ds.to_list(), str(source), None
 
 
-def _read_file(path: Path) -> list[dict]:
+def _read_file(path: Path) -> tuple[list[dict], list[int] | None]:
+    """Rows of a .parquet, .json (one array) or .jsonl file, and for .jsonl each row's line number."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    text = path.read_text()
+        return pq.read_table(path).to_pylist(), None
+    data = path.read_bytes()
+    data = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: byte 0x{data[exc.start]:02x} is not UTF-8 ({exc.reason}); "
+                         "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        return json.loads(text)
-    rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg}); fix the JSON array") from None
+        for n, r in enumerate(rows):
+            _check_is_object(r, f"{path}, row {n}")
+        return rows, None
+    rows, lines = [], []
+    # split on "\n" only: JSON strings may hold raw U+2028 and other characters str.splitlines() splits on
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}, line {n}: not valid JSON ({exc.msg}); each line must be one JSON object") from exc
-    return rows
+            raise ValueError(f"{path}, line {n}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+        _check_is_object(row, f"{path}, line {n}")
+        rows.append(row)
+        lines.append(n)
+    return rows, lines
+
+
+_JSON_TYPES = {list: "a JSON array", str: "a JSON string", int: "a JSON number", float: "a JSON number",
+               bool: "a JSON boolean", type(None): "null"}
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), f"a {type(value).__name__}")
+
+
+def _where(source: str, row: dict, row_no: int) -> str:
+    """Where a row is, for messages: the file, its row (from 0) and, for a .jsonl file, its line."""
+    return f"{source}, {_row_label(row, row_no)}"
+
+
+def _row_label(row: dict, row_no: int) -> str:
+    line = row.get("_line")
+    return f"row {row_no}" + (f" (line {line})" if line is not None else "")
+
+
+def _columns(row: dict) -> str:
+    return ", ".join(sorted(k for k in row if k not in ("_row", "_line")))
+
+
+def _check_is_object(row: Any, where: str) -> None:
+    if not isinstance(row, dict):
+        what = _json_type(row)
+        raise ValueError(f"{where}: {what}, not a JSON object; each row must be an object such as "
+                         '{"prompt": ..., "chosen": ..., "rejected": ...} or {"prompt": ..., "completion": ..., '
+                         '"label": ...}')
+
+
+def _check_texts(row: dict, keys: Sequence[str], where: str) -> None:
+    """Prompt and completion values must be strings or lists of chat messages (dicts)."""
+    for key in keys:
+        value = row[key]
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(m, dict) for m in value)):
+            continue
+        what = "a list that is not {role, content} messages" if isinstance(value, list) else _json_type(value)
+        raise ValueError(f"{where}: {key!r} is {what}; give a string or a list of {{role, content}} messages "
+                         "(or drop the row)")
+
+
+def _check_pair(row: dict, source: str, row_no: int) -> dict:
+    """A preference pair with its columns checked and its prompt made explicit."""
+    where = _where(source, row, row_no)
+    missing = [k for k in ("chosen", "rejected") if k not in row]
+    if missing:
+        raise ValueError(f"{where}: missing column(s) {', '.join(missing)}; preference pairs need "
+                         f"prompt, chosen, rejected (got {_columns(row)})")
+    _check_texts(row, [k for k in ("prompt", "chosen", "rejected") if k in row], where)
+    if "prompt" not in row:
+        if not is_conversational(row["chosen"]):
+            raise ValueError(f"{where}: no 'prompt' column; only conversational data may leave the prompt implicit")
+        row = _extract_implicit_prompt(row)
+    if is_conversational(row["chosen"]) != isinstance(row["prompt"], list):
+        raise ValueError(f"{where}: prompt and completions must both be strings or both be message lists")
+    return row
 
 
 def is_conversational(value: Any) -> bool:
@@ -199,8 +298,9 @@ def unpair_rows(rows: list[dict]) -> list[dict]:
     """Paired rows -> unpaired (chosen: label True, rejected: label False), rows interleaved."""
     out = []
     for row in rows:
-        out.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True, "_row": row.get("_row")})
-        out.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False, "_row": row.get("_row")})
+        where = {"_row": row.get("_row")} | ({"_line": row["_line"]} if "_line" in row else {})
+        out.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True, **where})
+        out.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False, **where})
     return out
 
 
@@ -224,21 +324,46 @@ def _ids(tokenizer: Any, value: Any, *, generation_prompt: bool = False) -> list
 
 
 def _split_prompt(tokenizer: Any, prompt: Any, completions: list[Any], add_eos: bool
-                  ) -> tuple[list[int], list[list[int]]]:
-    """(prompt ids, completion ids) with TRL's rule: completions start where the tokenisations diverge."""
+                  ) -> tuple[list[int], list[list[int]], list[int]]:
+    """(prompt ids, completion ids, prompt ids left out) with TRL's rule: completions start where the
+    tokenisations of the prompt and of prompt + completion diverge (not always at the prompt's end)."""
     conversational = isinstance(prompt, list)
     if not conversational and add_eos and tokenizer.eos_token:
         completions = [c if c.endswith(tokenizer.eos_token) else c + tokenizer.eos_token for c in completions]
     prompt_ids = _ids(tokenizer, prompt, generation_prompt=True)
     full = [_ids(tokenizer, prompt + c) for c in completions]
     cut = min(_common_prefix(prompt_ids, f) for f in full)
-    return prompt_ids[:cut], [f[cut:] for f in full]
+    return prompt_ids[:cut], [f[cut:] for f in full], prompt_ids[cut:]
+
+
+def _warn_merged(source: str, merged: dict[str, list[int]], total: int, tokenizer: Any) -> None:
+    """One warning per dataset for rows whose prompt lost its last token(s) to the completion."""
+    if not merged:
+        return
+    row, dropped = next(iter(merged.items()))
+    warnings.warn(
+        f"{source}: in {len(merged)} of {total} rows the tokenised prompt is not a prefix of the tokenised "
+        f"prompt + completion (tokens merge across the boundary, or the chat template renders the prompt alone "
+        f"differently), e.g. {row} loses {tokenizer.decode(dropped)!r} from its prompt; the completion starts "
+        "where they diverge (as TRL), so training sees a different context than inference: end prompts on a token "
+        "boundary (put the space at the start of the completion) or fix the chat template", stacklevel=3)
 
 
 def _truncate(prompt: list[int], comps: list[list[int]], weights: list[list[float]] | None,
               opts: TokenizeOptions) -> tuple[list[int], list[list[int]], list[list[float]] | None]:
+    return _fit_max_length(_cut_prompt(prompt, opts), comps, weights, opts)
+
+
+def _cut_prompt(prompt: list[int], opts: TokenizeOptions) -> list[int]:
+    """Rule 1: ``max_prompt_length`` keeps the prompt's last tokens."""
     if opts.max_prompt_length is not None and len(prompt) > opts.max_prompt_length:
-        prompt = prompt[len(prompt) - opts.max_prompt_length :]
+        return prompt[len(prompt) - opts.max_prompt_length :]
+    return prompt
+
+
+def _fit_max_length(prompt: list[int], comps: list[list[int]], weights: list[list[float]] | None,
+                    opts: TokenizeOptions) -> tuple[list[int], list[list[int]], list[list[float]] | None]:
+    """Rule 2: prompt + each completion fits ``max_length`` (``truncation_mode`` says what is cut)."""
     if opts.max_length is None:
         return prompt, comps, weights
     if opts.truncation_mode == "keep_end":
@@ -271,25 +396,17 @@ def tokenize_pairs(rows: list[dict], tokenizer: Any, opts: TokenizeOptions, sour
     """Tokenise standard or conversational preference pairs; skipped rows are reported, not dropped silently."""
     items: list[dict[str, Any]] = []
     skipped: list[Skipped] = []
+    merged: dict[str, list[int]] = {}  # row -> prompt tokens left out (see _split_prompt)
     for n, row in enumerate(rows):
         row_no = row.get("_row", n)
-        missing = [k for k in ("chosen", "rejected") if k not in row]
-        if missing:
-            raise ValueError(f"{source}, row {row_no}: missing column(s) {', '.join(missing)}; preference pairs need "
-                             f"prompt, chosen, rejected (got {', '.join(sorted(k for k in row if k != '_row'))})")
-        if "prompt" not in row:
-            if not is_conversational(row["chosen"]):
-                raise ValueError(f"{source}, row {row_no}: no 'prompt' column; only conversational data may leave "
-                                 "the prompt implicit")
-            row = _extract_implicit_prompt(row)
-        if is_conversational(row["chosen"]) != isinstance(row["prompt"], list):
-            raise ValueError(f"{source}, row {row_no}: prompt and completions must both be strings or both be "
-                             "message lists")
+        row = _check_pair(row, source, row_no)
         if (isinstance(row["chosen"], str) and not row["chosen"]) or (isinstance(row["rejected"], str) and not row["rejected"]):
             skipped.append(Skipped(row_no, "empty chosen or rejected completion"))
             continue
-        prompt, (chosen, rejected) = _split_prompt(tokenizer, row["prompt"], [row["chosen"], row["rejected"]],
-                                                   opts.add_eos)
+        prompt, (chosen, rejected), dropped = _split_prompt(tokenizer, row["prompt"], [row["chosen"], row["rejected"]],
+                                                            opts.add_eos)
+        if dropped:
+            merged[_row_label(row, row_no)] = dropped
         weights = list(correction_weights(chosen, rejected, opts.dense_gamma)) if opts.dense_gamma else None
         prompt, (chosen, rejected), weights = _truncate(prompt, [chosen, rejected], weights, opts)
         if not chosen or not rejected:
@@ -301,7 +418,8 @@ def tokenize_pairs(rows: list[dict], tokenizer: Any, opts: TokenizeOptions, sour
             item["chosen_weights"], item["rejected_weights"] = weights
         item["index"] = len(items)
         items.append(item)
-    ds = TokenizedDataset(items, paired=True, skipped=skipped, source=source)
+    ds = TokenizedDataset(items, paired=True, skipped=skipped, source=source, options=opts)
+    _warn_merged(source, merged, len(rows), tokenizer)
     if skipped:
         warnings.warn(ds.report(), stacklevel=2)
     return ds
@@ -312,48 +430,84 @@ def tokenize_unpaired(rows: list[dict], tokenizer: Any, opts: TokenizeOptions, s
     """Tokenise unpaired (prompt, completion, label) rows for KTO/DRO-style losses."""
     items: list[dict[str, Any]] = []
     skipped: list[Skipped] = []
+    merged: dict[str, list[int]] = {}  # row -> prompt tokens left out (see _split_prompt)
     for n, row in enumerate(rows):
         row_no = row.get("_row", n) if row.get("_row") is not None else n
+        where = _where(source, row, row_no)
         missing = [k for k in ("prompt", "completion", "label") if k not in row]
         if missing:
-            raise ValueError(f"{source}, row {row_no}: missing column(s) {', '.join(missing)}; unpaired data needs "
-                             f"prompt, completion, label (got {', '.join(sorted(k for k in row if k != '_row'))})")
+            raise ValueError(f"{where}: missing column(s) {', '.join(missing)}; unpaired data needs "
+                             f"prompt, completion, label (got {_columns(row)})")
+        _check_texts(row, ("prompt", "completion"), where)
+        label = row["label"]
+        if not isinstance(label, (bool, int, float)):
+            raise ValueError(f"{where}: 'label' is {_json_type(label)}; give true/false (desirable or not) or a number")
         if isinstance(row["completion"], str) and not row["completion"]:
             skipped.append(Skipped(row_no, "empty completion"))
             continue
-        prompt, (completion,) = _split_prompt(tokenizer, row["prompt"], [row["completion"]], opts.add_eos)
-        prompt, (completion,), _ = _truncate(prompt, [completion], None, opts)
+        prompt, (uncut,), dropped = _split_prompt(tokenizer, row["prompt"], [row["completion"]], opts.add_eos)
+        if dropped:
+            merged[_row_label(row, row_no)] = dropped
+        uncut_prompt = _cut_prompt(prompt, opts)
+        prompt, (completion,), _ = _fit_max_length(uncut_prompt, [uncut], None, opts)
         if not completion:
             skipped.append(Skipped(row_no, f"completion empty after truncation (prompt {len(prompt)} tokens, "
                                            f"max_length {opts.max_length})"))
             continue
-        label = row["label"]
-        items.append({"prompt_ids": prompt, "completion_ids": completion,
-                      "label": bool(label) if isinstance(label, bool) else float(label),
-                      "row": row_no, "index": len(items)})
-    ds = TokenizedDataset(items, paired=False, skipped=skipped, source=source)
+        item = {"prompt_ids": prompt, "completion_ids": completion,
+                "label": bool(label) if isinstance(label, bool) else float(label), "row": row_no, "index": len(items)}
+        if prompt != uncut_prompt:  # kept for KTO's KL sequences, which are cut anew (assign_kl_completions)
+            item["uncut_prompt_ids"] = uncut_prompt
+        if completion != uncut:
+            item["uncut_completion_ids"] = uncut
+        items.append(item)
+    ds = TokenizedDataset(items, paired=False, skipped=skipped, source=source, options=opts)
+    total = len({r["_row"] if r.get("_row") is not None else n for n, r in enumerate(rows)})
+    _warn_merged(source, merged, total, tokenizer)
     if skipped:
         warnings.warn(ds.report(), stacklevel=2)
     return ds
 
 
+def assign_kl_completions(ds: TokenizedDataset, chunk: int) -> None:
+    """KTO's mismatched pairs, as TRL's KTOTrainer builds them: within each run of ``chunk`` consecutive
+    examples, example i gets the completion of example i - 1 (the first gets the last's).
+
+    The KL sequence is example i's prompt followed by the neighbour's whole completion (before any
+    ``max_length`` cut), cut by the dataset's own ``max_length`` rule, as TRL's collator cuts
+    ``prompt_ids + KL_completion_ids``; reusing the neighbour's completion as cut for its own prompt
+    would give sequences of the wrong length whenever prompt lengths differ.
+    """
+    opts, items = ds.options, ds.items
+    for start in range(0, len(items), chunk):
+        run = items[start : start + chunk]
+        comps = [it.get("uncut_completion_ids", it["completion_ids"]) for it in run]
+        for it, kl in zip(run, [comps[-1], *comps[:-1]]):
+            prompt, (kl,), _ = _fit_max_length(it.get("uncut_prompt_ids", it["prompt_ids"]), [kl], None, opts)
+            it["kl_completion_ids"] = kl
+            if prompt != it["prompt_ids"]:  # keep_end: this prompt lost a different number of tokens
+                it["kl_prompt_ids"] = prompt
+            else:
+                it.pop("kl_prompt_ids", None)
+
+
 def load_preference_data(source: Any, tokenizer: Any, opts: TokenizeOptions, *, unpaired: bool = False,
                          split: str = "train", max_rows: int | None = None) -> TokenizedDataset:
     """Load, (un)pair and tokenise a preference dataset from any supported source."""
-    rows, name = load_rows(source, split)
+    rows, name, lines = _load_rows(source, split)
     if max_rows is not None:
         rows = rows[:max_rows]
     if not rows:
         raise ValueError(f"{name}: the dataset is empty")
-    rows = [{**r, "_row": i} for i, r in enumerate(rows)]
+    for i, r in enumerate(rows):
+        _check_is_object(r, f"{name}, row {i}")
+    rows = [{**r, "_row": i} | ({"_line": lines[i]} if lines else {}) for i, r in enumerate(rows)]
     is_paired_data = "chosen" in rows[0] or "rejected" in rows[0]
     if unpaired:
         if is_paired_data:
-            rows = [r if "prompt" in r else _extract_implicit_prompt(r) for r in rows]
-            rows = unpair_rows(rows)
+            rows = unpair_rows([_check_pair(r, name, r["_row"]) for r in rows])
         return tokenize_unpaired(rows, tokenizer, opts, name)
     if not is_paired_data:
-        columns = ", ".join(sorted(k for k in rows[0] if k != "_row"))
-        raise ValueError(f"{name}: a paired loss needs chosen/rejected columns; got {columns}. "
+        raise ValueError(f"{name}: a paired loss needs chosen/rejected columns; got {_columns(rows[0])}. "
                          "For (prompt, completion, label) data use a pointwise loss (loss.type=kto).")
     return tokenize_pairs(rows, tokenizer, opts, name)

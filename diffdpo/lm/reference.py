@@ -8,7 +8,8 @@ full fine-tune) and then looked up by example index. The cache file is keyed by
   revision),
 * the data fingerprint (every token id, dense weight and label of the tokenised dataset, so any change
   of data, tokenizer or truncation gives a new key),
-* the settings that change the numbers (length averaging, the KTO mismatched-pair chunk),
+* the settings that change the numbers (length averaging, KTO's mismatched sequences: their
+  chunking and cuts),
 
 so a changed model or dataset can never silently reuse stale values. Files are written to a temporary
 name and renamed into place; one process computes while the others wait and then read.
@@ -52,12 +53,22 @@ class PrecomputedReference:
         return self.kl_logps[index.cpu()]
 
 
+def _kl_pairs_fingerprint(ds: Any) -> str | bool:
+    """sha256 of KTO's mismatched sequences (their chunking and cuts), False without them."""
+    if "kl_completion_ids" not in ds[0]:
+        return False
+    h = hashlib.sha256()
+    for item in ds.items:
+        h.update(json.dumps([item.get("kl_prompt_ids"), item["kl_completion_ids"]], separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
 def cache_key(task: LMPreferenceTask) -> str:
     parts = {
         "model": task.base_fingerprint,
         "data": task.dataset().fingerprint(),
         "average_log_prob": task.cfg.average_log_prob,
-        "kl_pairs": "kl_completion_ids" in task.dataset()[0],
+        "kl_pairs": _kl_pairs_fingerprint(task.dataset()),
         "version": 1,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]

@@ -14,7 +14,8 @@ For a batch of B pairs (Rafailov et al. 2023, "Direct Preference Optimization", 
 
 Unpaired data (KTO, Ethayarajh et al. 2024, arXiv 2402.01306) gives a :class:`diffdpo.task.PointwiseLogpsOut`
 with KTO's reference point estimated, as in TRL, from mismatched (prompt, completion) pairs: within each
-run of ``per_device_batch_size`` examples the completions are rotated by one.
+run of ``per_device_batch_size`` examples the completions are rotated by one, and each mismatched
+sequence is cut to ``max_length`` anew (:func:`diffdpo.lm.data.assign_kl_completions`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from diffdpo.adapters import adapters_disabled, add_lora_from, has_lora, resolve_dtype, save_lora_adapter
 from diffdpo.lm.config import LMConfig
-from diffdpo.lm.data import TokenizedDataset, TokenizeOptions, load_preference_data
+from diffdpo.lm.data import TokenizedDataset, TokenizeOptions, assign_kl_completions, load_preference_data
 from diffdpo.lm.logps import CausalLMLogps, head_spec, sequence_logps
 from diffdpo.lm.models import frozen_copy, load_causal_lm, load_tokenizer, model_fingerprint
 from diffdpo.lm.packing import Group, TokenBatch, collate_groups, prepare_for_packing
@@ -122,8 +123,8 @@ class LMPreferenceTask:
         labels = [it["label"] for it in items]
         out["labels"] = torch.tensor(labels, dtype=torch.bool if isinstance(labels[0], bool) else torch.float32)
         if "kl_completion_ids" in items[0]:
-            out["kl_tokens"] = collate_groups([Group(it["prompt_ids"], [it["kl_completion_ids"]]) for it in items],
-                                              layout, pad)
+            out["kl_tokens"] = collate_groups([Group(it.get("kl_prompt_ids", it["prompt_ids"]), [it["kl_completion_ids"]])
+                                               for it in items], layout, pad)
         return out
 
     def compute(self, model: torch.nn.Module, batch: dict[str, Any], keys: torch.Tensor) -> LogpsOut | PointwiseLogpsOut:
@@ -228,13 +229,3 @@ class LMPreferenceTask:
             kwargs = {"kl_policy_logps": kl_policy, "kl_ref_logps": kl_ref}
         return PointwiseLogpsOut(logps, ref_logps, labels, metrics, kwargs)
 
-
-def assign_kl_completions(ds: TokenizedDataset, chunk: int) -> None:
-    """KTO's mismatched pairs, as TRL builds them: within each run of ``chunk`` consecutive examples,
-    example i gets the completion of example i - 1 (the first gets the last's)."""
-    items = ds.items
-    for start in range(0, len(items), chunk):
-        run = items[start : start + chunk]
-        comps = [it["completion_ids"] for it in run]
-        for it, kl in zip(run, [comps[-1], *comps[:-1]]):
-            it["kl_completion_ids"] = kl

@@ -123,3 +123,90 @@ def test_fingerprint_changes_with_data(tokenizer):
     a = tokenize_pairs([PAIR], tokenizer, TokenizeOptions())
     b = tokenize_pairs([{**PAIR, "chosen": " good ."}], tokenizer, TokenizeOptions())
     assert a.fingerprint() == tokenize_pairs([PAIR], tokenizer, TokenizeOptions()).fingerprint() != b.fingerprint()
+
+
+def test_prompt_tokens_merging_into_the_completion_warn_once_with_a_count(tokenizer, tmp_path: Path):
+    """'... soup w' + 'as good .' tokenises as '... soup was good .': the prompt's last token changes, so the
+    completion starts at 'was' (TRL's rule) and the prompt loses 'w'; one warning names the file and the count."""
+    merged = {"prompt": "review : the soup w", "chosen": "as good .", "rejected": "as bad ."}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [PAIR, merged, PAIR, merged, merged])
+    with pytest.warns(UserWarning) as record:
+        ds = load_preference_data(path, tokenizer, TokenizeOptions())
+    messages = [str(w.message) for w in record if "merge" in str(w.message)]
+    assert len(messages) == 1 and "\n" not in messages[0]
+    assert "pairs.jsonl" in messages[0] and "3 of 5 rows" in messages[0] and "row 1 (line 2)" in messages[0]
+    assert tokenizer.decode(ds[1]["chosen_ids"]) == "was good . <eos>"
+    with pytest.warns(UserWarning, match="3 of 5 rows"):  # unpaired (KTO): counted per source row
+        load_preference_data(path, tokenizer, TokenizeOptions(), unpaired=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no merge, no warning
+        load_preference_data(write_jsonl(tmp_path / "clean.jsonl", [PAIR]), tokenizer, TokenizeOptions())
+
+
+@pytest.mark.parametrize("case", ["not_utf8", "chosen_null", "array_line", "bad_json", "missing_chosen",
+                                  "label_null", "completion_null"])
+def test_bad_jsonl_rows_raise_one_line_errors_naming_file_and_row(tokenizer, tmp_path: Path, case):
+    """Each bad input gives a ValueError whose message is one line: the file, the line or row, what to do.
+    Rows count data rows from 0; lines count the file's lines from 1 (the blank first line shifts them)."""
+    lines = [json.dumps(PAIR)] * 3
+    unpaired = case in ("label_null", "completion_null")
+    if case == "not_utf8":
+        lines[2] = json.dumps(PAIR).replace("soup", "caf\\u00e9")
+        data = "\n".join(lines).encode().replace(b"caf\\u00e9", "café".encode("latin-1"))
+        expected = r"line 4: .*UTF-8"
+    elif case == "chosen_null":
+        lines[2] = json.dumps({**PAIR, "chosen": None})
+        expected = r"row 2 \(line 4\): 'chosen' is null"
+    elif case == "array_line":
+        lines[2] = json.dumps(["review", "good", "bad"])
+        expected = r"line 4: .*array.*JSON object"
+    elif case == "bad_json":
+        lines[2] = "{oops"
+        expected = r"line 4: not valid JSON"
+    elif case == "missing_chosen":
+        lines[2] = json.dumps({"prompt": "a", "rejected": "b"})
+        expected = r"row 2 \(line 4\): missing column\(s\) chosen"
+    elif case == "label_null":
+        lines = [json.dumps({"prompt": "a", "completion": " b", "label": True}),
+                 json.dumps({"prompt": "a", "completion": " b", "label": None})]
+        expected = r"row 1 \(line 3\): 'label' is null"
+    else:  # completion_null
+        lines = [json.dumps({"prompt": "a", "completion": None, "label": True})]
+        expected = r"row 0 \(line 2\): 'completion' is null"
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\n" + (data if case == "not_utf8" else "\n".join(lines).encode()))  # a blank first line
+    with pytest.raises(ValueError, match=r"data\.jsonl, " + expected) as info:
+        load_preference_data(path, tokenizer, TokenizeOptions(), unpaired=unpaired)
+    assert "\n" not in str(info.value)
+    if case == "chosen_null":  # paired data unpaired for KTO is checked before unpairing
+        with pytest.raises(ValueError, match=r"data\.jsonl, row 2 \(line 4\): 'chosen' is null"):
+            load_preference_data(path, tokenizer, TokenizeOptions(), unpaired=True)
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_kl_completions_are_the_neighbours_whole_completion_cut_for_this_prompt(tokenizer, mode):
+    """KTO's mismatched pair i = prompt i + completion i-1 *before* its own cut, then cut to max_length."""
+    from diffdpo.lm.data import assign_kl_completions, tokenize_unpaired
+
+    rows = [{"prompt": "review : the soup was", "completion": " good , warm and calm .", "label": True},
+            {"prompt": "review : review : review : the soup was", "completion": " bad .", "label": False},
+            {"prompt": "review : the cafe was", "completion": " fun .", "label": True}]
+    opts = TokenizeOptions(max_length=11, truncation_mode=mode)
+    ds = tokenize_unpaired(rows, tokenizer, opts)
+    assign_kl_completions(ds, chunk=3)
+    full = [ids(tokenizer, r["prompt"] + r["completion"] + "<eos>") for r in rows]  # no merges: prompt is a prefix
+    prompts = [ids(tokenizer, r["prompt"]) for r in rows]
+    for i, neighbour in enumerate([2, 0, 1]):
+        item = ds[i]
+        kl_prompt = item.get("kl_prompt_ids", item["prompt_ids"])
+        seq = kl_prompt + item["kl_completion_ids"]
+        whole = prompts[i] + full[neighbour][len(prompts[neighbour]):]
+        assert seq == (whole[:11] if mode == "keep_start" else whole[max(len(whole) - 11, 0):])
+    # row 1 (prompt 10 tokens) gets row 0's completion (7 tokens), not as cut for row 0's prompt (5 tokens)
+    if mode == "keep_start":
+        assert len(ds[1]["kl_completion_ids"]) == 1 and "kl_prompt_ids" not in ds[1]
+    else:  # its own sequence kept 8 prompt tokens; the KL sequence keeps 4 and the whole completion
+        assert len(ds[1]["prompt_ids"]) == 8 and len(ds[1]["kl_prompt_ids"]) == 4
+        assert len(ds[1]["kl_completion_ids"]) == 7

@@ -202,3 +202,51 @@ def test_lora_loss_and_gradients_equal_trl(tokenizer, pair_rows, tmp_path):
     assert sorted(map(our_name, trained)) == sorted(our_grads)  # the same adapters train, nothing else
     for name in trained:
         torch.testing.assert_close(our_grads[our_name(name)], trl_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_kto_truncated_kl_sequences_and_loss_equal_trl(tokenizer, pair_rows, tmp_path):
+    """Under max_length, each mismatched (KL) pair is this example's prompt + the neighbour's *whole*
+    completion, then cut to max_length, as TRL's KTOTrainer does; prompts of different lengths make a
+    completion cut for its own prompt the wrong length for the neighbour's."""
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    from diffdpo.lm.data import unpair_rows
+
+    rows = [{k: v for k, v in r.items() if k != "_row"} for r in unpair_rows(pair_rows[:4])]  # 8 rows
+    rows = [{**r, "prompt": "review : " * (i % 3) + r["prompt"]} for i, r in enumerate(rows)]  # 6, 8, 10 tokens
+    n, chunk, max_length = len(rows), 4, 12
+    policy = make_model(tokenizer, seed=0)
+    reference = _perturbed(policy, scale=0.05)
+    ours_policy, ours_ref = copy.deepcopy(policy), copy.deepcopy(reference)
+    args = KTOConfig(output_dir=str(tmp_path / "kto"), per_device_train_batch_size=chunk, report_to="none",
+                     use_cpu=True, beta=BETA, max_length=max_length, disable_dropout=True,
+                     precompute_ref_log_probs=False, bf16=False, save_strategy="no")
+    trainer = KTOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer)
+    assert len(trainer.train_dataset) == n  # no prompt fills max_length: nothing dropped on either side
+
+    cfg = LMConfig()
+    cfg.model.pretrained, cfg.data.source = "tiny", str(write_jsonl(tmp_path / "unpaired.jsonl", rows))
+    cfg.data.max_length = max_length
+    cfg.reference.kind = "frozen_copy"
+    task = LMPreferenceTask(cfg, loss_type="kto", accelerator=ACCEL, per_device_batch_size=chunk, model=ours_policy,
+                            tokenizer=tokenizer)
+    task.ref_policy.model.load_state_dict(ours_ref.state_dict())
+    trainer.model.train()
+    cut = 0
+    for start in range(0, n, chunk):
+        index = list(range(start, start + chunk))
+        trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in index])
+        for i, row in zip(index, range(chunk)):
+            item = task.dataset()[i]
+            ours = item.get("kl_prompt_ids", item["prompt_ids"]) + item["kl_completion_ids"]
+            theirs = trl_batch["KL_input_ids"][row][trl_batch["KL_attention_mask"][row].bool()].tolist()
+            assert ours == theirs, i
+            assert len(ours) <= max_length
+            cut += len(ours) < len(item["prompt_ids"]) + len(trainer.train_dataset[i]["KL_completion_ids"])
+        trl_loss = trainer.compute_loss(trainer.model, trl_batch).detach()
+        out = task.compute(task.policy, task.collate([task.dataset()[i] for i in index]), torch.tensor(index))
+        losses, _ = apply_loss(out, LossConfig(type="kto", beta=BETA))
+        torch.testing.assert_close(losses.mean(), trl_loss, rtol=1e-5, atol=1e-5)
+    assert cut >= 2  # the test exercises truncation of KL sequences
