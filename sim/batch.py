@@ -21,7 +21,7 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.util import find_spec
 from multiprocessing.connection import wait
@@ -53,6 +53,8 @@ def score_meshes(
     workers: int | None = None,
     *,
     progress: bool = False,
+    on_result: Callable[[StabilityResult], None] | None = None,
+    known_results: Mapping[int, StabilityResult] | None = None,
 ) -> list[StabilityResult]:
     """Score each mesh with the stability test of DSO (Li et al. 2025, arXiv 2503.22677).
 
@@ -63,6 +65,10 @@ def score_meshes(
         workers: worker processes; ``None`` = one per available CPU (at most one per mesh);
             ``0`` = score in this process (no crash isolation, see the module docstring).
         progress: show a tqdm progress bar on stderr.
+        on_result: called in this process with each new result as soon as it is known
+            (completion order), e.g. to save finished rows while the batch runs.
+        known_results: results already known by input position (e.g. from an interrupted run);
+            those inputs are not scored again and their results are returned as given.
 
     Returns:
         One :class:`StabilityResult` per input, in input order. An input that cannot be simulated
@@ -75,30 +81,36 @@ def score_meshes(
         raise TypeError(f"config must be a StabilityConfig, got {type(config).__name__}")
     check_dependencies(config)
     items = list(meshes)
-    results: list[StabilityResult | None] = [None] * len(items)
-    tasks: list[Task] = []
-    for index, item in enumerate(items):
-        task = _make_task(index, item, config)
-        if isinstance(task, StabilityResult):
-            results[index] = task
-        else:
-            tasks.append(task)
-
-    n_workers = resolve_workers(workers, len(tasks))
+    known_results = dict(known_results or {})
+    if any(not 0 <= i < len(items) for i in known_results):
+        raise ValueError(f"known_results has positions outside 0..{len(items) - 1}")
+    results: list[StabilityResult | None] = [known_results.get(i) for i in range(len(items))]
+    n_workers = resolve_workers(workers, len(items) - len(known_results))
     bar = _progress_bar(len(items), progress)
-    bar.update(len(items) - len(tasks))
+    bar.update(len(known_results))
 
-    def on_result(result: StabilityResult) -> None:
+    def deliver(result: StabilityResult) -> None:
         results[result.index] = result
         bar.update(1)
+        if on_result is not None:
+            on_result(result)
 
     try:
+        tasks: list[Task] = []
+        for index, item in enumerate(items):
+            if results[index] is not None:
+                continue
+            task = _make_task(index, item, config)
+            if isinstance(task, StabilityResult):
+                deliver(task)
+            else:
+                tasks.append(task)
         if not tasks:
             pass
         elif n_workers == 0:
-            run_in_process(tasks, config, on_result)
+            run_in_process(tasks, config, deliver)
         else:
-            WorkerPool(n_workers, config).run(tasks, on_result)
+            WorkerPool(min(n_workers, len(tasks)), config).run(tasks, deliver)
     finally:
         bar.close()
     missing = [i for i, r in enumerate(results) if r is None]
@@ -184,7 +196,8 @@ class _Worker:
         from sim.worker import worker_main
 
         self.conn, child_conn = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=worker_main, args=(child_conn, config), daemon=True)
+        # the worker exits by itself if this process dies without stopping it (kill -9)
+        self.process = ctx.Process(target=worker_main, args=(child_conn, config, os.getpid()), daemon=True)
         self.process.start()
         child_conn.close()
         self.ready = False

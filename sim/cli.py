@@ -1,24 +1,38 @@
 """``python -m sim score PATH... --out scores.parquet`` (also ``diffdpo sim score ...``).
 
-PATH may be mesh files or directories (searched recursively for mesh files). Arguments of the
-form ``key=value`` that are not existing paths override fields of :class:`sim.StabilityConfig`,
-after the optional ``--config`` YAML; ``--collision``/``--backend`` win over both.
+PATH may be mesh files or directories (searched recursively for mesh files); every PATH gives at
+least one row (an empty or unreadable folder gives an invalid one). Arguments of the form
+``key=value`` that are not existing paths override fields of :class:`sim.StabilityConfig`, after the
+optional ``--config`` YAML; ``--collision``/``--backend`` win over both.
+
+``--out`` is checked before any mesh is scored; finished rows are kept in ``OUT.partial.jsonl`` while
+the batch runs, and the same command run again after an interruption resumes from them
+(:mod:`sim.output`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from sim.batch import score_meshes
 from sim.config import StabilityConfig
 from sim.mesh import MESH_SUFFIXES
+from sim.output import (
+    OUTPUT_SUFFIXES,
+    OutputError,
+    PartialFile,
+    check_output,
+    partial_path,
+    write_table,
+)
 from sim.result import StabilityResult
-
-OUTPUT_SUFFIXES = (".parquet", ".csv", ".jsonl")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,85 +88,157 @@ def split_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     return paths, overrides
 
 
-def expand_paths(paths: Sequence[str]) -> list[str]:
-    """Files as given (even missing ones: they get an invalid row); directories searched
-    recursively for mesh files, sorted."""
-    files: list[str] = []
+def expand_paths(
+    paths: Sequence[str], backend: str = "pybullet"
+) -> tuple[list[str], dict[int, StabilityResult]]:
+    """One entry per table row: files as given (even missing ones: the worker labels them),
+    directories replaced by the mesh files inside them (recursively, sorted).
+
+    Returns ``(sources, known)``: ``known`` holds, by position in ``sources``, the invalid results of
+    inputs judged here: a directory without mesh files, a folder or path that cannot be read.
+    """
+    sources: list[str] = []
+    known: dict[int, StabilityResult] = {}
     for item in paths:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in MESH_SUFFIXES)
-            files.extend(str(p) for p in found)
-        else:
-            files.append(item)
-    return files
+        try:
+            is_dir = stat.S_ISDIR(os.stat(item).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            is_dir = False  # the worker reports it as missing
+        except (OSError, ValueError) as exc:  # name too long, no permission on the way, NUL byte, ...
+            known[len(sources)] = _unreadable(len(sources), item, exc, backend)
+            sources.append(item)
+            continue
+        if not is_dir:
+            sources.append(item)
+            continue
+        found, unreadable = _walk(item)
+        if not found and not unreadable:
+            known[len(sources)] = StabilityResult.invalid(
+                len(sources),
+                item,
+                "missing_file",
+                f"{item!r} is a folder with no mesh files in it (searched recursively for "
+                f"{', '.join(MESH_SUFFIXES)}); give mesh files or a folder that holds some",
+                backend=backend,
+            )
+            sources.append(item)
+            continue
+        for path in sorted([*found, *unreadable]):
+            if path in unreadable:
+                known[len(sources)] = _unreadable(len(sources), str(path), unreadable[path], backend)
+            sources.append(str(path))
+    return sources, known
+
+
+def _walk(folder: str) -> tuple[list[Path], dict[Path, OSError]]:
+    """Mesh files under ``folder`` (including broken links with a mesh suffix: they get a row too)
+    and the sub-folders that could not be listed, with the error."""
+    found: list[Path] = []
+    unreadable: dict[Path, OSError] = {}
+
+    def remember(exc: OSError) -> None:
+        unreadable[Path(exc.filename if exc.filename is not None else folder)] = exc
+
+    for root, _dirs, names in os.walk(folder, onerror=remember):
+        found.extend(Path(root, n) for n in names if Path(n).suffix.lower() in MESH_SUFFIXES)
+    return found, unreadable
+
+
+def _unreadable(index: int, path: str, exc: Exception, backend: str) -> StabilityResult:
+    why = getattr(exc, "strerror", None) or str(exc)
+    return StabilityResult.invalid(
+        index,
+        path,
+        "read_error",
+        f"{path!r} cannot be read ({why}); fix its permissions or name, or leave it out",
+        backend=backend,
+    )
 
 
 def _score(args: argparse.Namespace) -> int:
     from diffdpo.config import ConfigError, load_config
-    from sim.batch import score_meshes
 
     paths, overrides = split_inputs(args.inputs)
     for flag in ("collision", "backend"):
         if getattr(args, flag) is not None:
             overrides.append(f"{flag}={getattr(args, flag)}")
-    out = Path(args.out)
-    if out.suffix.lower() not in OUTPUT_SUFFIXES:
-        print(
-            f"sim score: --out must end with one of {', '.join(OUTPUT_SUFFIXES)}, got {str(out)!r}",
-            file=sys.stderr,
-        )
-        return 2
+    if not paths:
+        return _fail("no mesh files or folders given (only key=value settings)")
     try:
         config = load_config(StabilityConfig, args.config, overrides)
     except (ConfigError, ValueError) as exc:
-        print(f"sim score: {exc}", file=sys.stderr)
-        return 2
-    files = expand_paths(paths)
-    if not files:
-        print(
-            f"sim score: no mesh files found in {', '.join(paths)} ({', '.join(MESH_SUFFIXES)})",
-            file=sys.stderr,
-        )
-        return 2
-    started = time.perf_counter()
+        return _fail(str(exc))
+    out = Path(args.out)
     try:
-        results = score_meshes(files, config, workers=args.workers, progress=not args.no_progress)
-    except (ImportError, ValueError) as exc:
-        print(f"sim score: {exc}", file=sys.stderr)
-        return 2
-    elapsed = time.perf_counter() - started
-    write_results(results, out)
-    print(summary(results, elapsed, config))
+        check_output(out)  # before any work: a bad --out must not throw the scores away
+        partial = PartialFile(partial_path(out), config)
+        sources, known = expand_paths(paths, config.backend)
+        partial.open(sources)
+    except OSError as exc:
+        return _fail(f"cannot write {str(partial_path(out))!r} ({exc.strerror or exc}); choose another --out")
+    except OutputError as exc:
+        return _fail(str(exc))
+    with partial:
+        if partial.n_dropped:
+            print(f"dropped {partial.n_dropped} rows of {partial.path} that are for other inputs", flush=True)
+        if partial.resumed:
+            print(
+                f"resuming from {partial.path}: {len(partial.resumed)} of {len(sources)} inputs already "
+                f"scored, scoring the other {len(sources) - len(partial.resumed)}",
+                flush=True,
+            )
+        started = time.perf_counter()
+        try:
+            results = score_meshes(
+                sources,
+                config,
+                workers=args.workers,
+                progress=not args.no_progress,
+                on_result=partial.append,
+                known_results={**partial.resumed, **known},
+            )
+        except (ImportError, ValueError) as exc:
+            return _fail(str(exc))
+        except KeyboardInterrupt:
+            return _fail(
+                f"interrupted: {partial.n_rows} finished rows are kept in {partial.path}; "
+                "run the same command again to continue",
+                code=130,
+            )
+        elapsed = time.perf_counter() - started
+    try:
+        write_table(results, out)
+    except OSError as exc:
+        return _fail(
+            f"cannot write {str(out)!r} ({exc.strerror or exc}); the {len(results)} rows are kept in "
+            f"{partial.path}: fix the problem and run the same command again"
+        )
+    partial.remove()
+    print(summary(results, elapsed, config, n_resumed=len(partial.resumed)))
     print(f"wrote {len(results)} rows to {out}")
     return 0
 
 
-def write_results(results: Sequence[StabilityResult], out: Path) -> None:
-    """One row per result, as parquet, csv or JSON lines (by the file's suffix)."""
-    import pandas as pd
-
-    frame = pd.DataFrame([r.to_record() for r in results])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    suffix = out.suffix.lower()
-    if suffix == ".parquet":
-        frame.to_parquet(out, index=False)
-    elif suffix == ".csv":
-        frame.to_csv(out, index=False)
-    else:
-        frame.to_json(out, orient="records", lines=True)
+def _fail(message: str, code: int = 2) -> int:
+    print(f"sim score: {message}", file=sys.stderr)
+    return code
 
 
-def summary(results: Sequence[StabilityResult], elapsed_s: float, config: StabilityConfig) -> str:
-    """Counts for people: stable share of valid meshes, invalid share and their reasons."""
+def summary(
+    results: Sequence[StabilityResult], elapsed_s: float, config: StabilityConfig, n_resumed: int = 0
+) -> str:
+    """Counts for people: stable share of valid meshes, invalid share and their reasons.
+    ``n_resumed`` rows came from an interrupted run's partial file (not timed here)."""
     n = len(results)
     valid = [r for r in results if r.valid]
     stable = sum(bool(r.stable) for r in valid)
     invalid = n - len(valid)
     collision = "hull" if config.backend == "mujoco" else config.collision
+    n_now = n - n_resumed
+    resumed = f", {n_resumed} more from the partial file" if n_resumed else ""
     lines = [
-        f"scored {n} meshes in {elapsed_s:.1f} s ({n / max(elapsed_s, 1e-9):.1f} meshes/s; "
-        f"backend {config.backend}, collision {collision})",
+        f"scored {n_now} meshes in {elapsed_s:.1f} s ({n_now / max(elapsed_s, 1e-9):.1f} meshes/s; "
+        f"backend {config.backend}, collision {collision}{resumed})",
         f"stable:  {stable}/{len(valid)} valid meshes ({_pct(stable, len(valid))})",
         f"invalid: {invalid}/{n} ({_pct(invalid, n)})",
     ]

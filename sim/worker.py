@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import signal
+import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -133,8 +136,16 @@ def _inject_fault(kind: str) -> tuple[np.ndarray, np.ndarray]:
     raise RuntimeError(f"injected fault {kind!r}")
 
 
-def worker_main(conn: Any, config: StabilityConfig) -> None:
-    """Worker loop: create one physics client, then score tasks until told to stop."""
+def worker_main(conn: Any, config: StabilityConfig, parent_pid: int | None = None) -> None:
+    """Worker loop: create one physics client, then score tasks until told to stop.
+
+    ``parent_pid`` is the scoring process: the worker exits as soon as it is gone, however it ended
+    (see :func:`exit_with_parent`). Ctrl-C is left to the parent, which stops the workers itself;
+    a worker interrupted mid-mesh would otherwise look like a crash on that mesh.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent_pid is not None:
+        exit_with_parent(parent_pid)
     with contextlib.suppress(OSError):  # the engines print to C-level stdout; keep the CLI clean
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
@@ -158,3 +169,70 @@ def worker_main(conn: Any, config: StabilityConfig) -> None:
     finally:
         engine.close()
         conn.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# leaving with the parent
+# --------------------------------------------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PARENT_POLL_S = 0.2
+ORPHAN_EXIT_CODE = 75
+
+
+def exit_with_parent(parent_pid: int, poll_s: float = PARENT_POLL_S) -> None:
+    """End this process when ``parent_pid`` dies, even by SIGKILL (which runs no clean-up there).
+
+    Two mechanisms, because neither covers every case alone. Everywhere, a daemon thread checks
+    every ``poll_s`` seconds whether we were re-parented or ``parent_pid`` is gone; it needs the
+    GIL, so a long C call (VHACD) delays it. On Linux the kernel also sends SIGKILL when our parent
+    process exits (``prctl(PR_SET_PDEATHSIG)``), which does not wait for anything. With the
+    forkserver start method that parent is the fork server, which exits once every holder of its
+    "alive" pipe is gone; forkserver children inherit that pipe (to start processes of their own,
+    which a worker never does), so the worker closes its copy and the server exits with the
+    scoring process.
+    """
+    ppid = os.getppid()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        _release_forkserver()
+    threading.Thread(
+        target=_watch_parent, args=(parent_pid, ppid, poll_s), name="sim-parent-watch", daemon=True
+    ).start()
+
+
+def _release_forkserver() -> None:
+    """Close this process's copy of the fork server's "alive" pipe (multiprocessing internals:
+    ``forkserver._forkserver._forkserver_alive_fd``; nothing is done if they change)."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    alive_fd = getattr(server, "_forkserver_alive_fd", None)
+    if isinstance(alive_fd, int):
+        with contextlib.suppress(OSError):
+            os.close(alive_fd)
+        server._forkserver_alive_fd = None  # type: ignore[union-attr]
+
+
+def _watch_parent(parent_pid: int, ppid: int, poll_s: float) -> None:
+    while os.getppid() == ppid and process_alive(parent_pid):
+        time.sleep(poll_s)
+    os._exit(ORPHAN_EXIT_CODE)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie, dead but not yet reaped, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            state = stat.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True  # no procfs (not Linux): trust kill(0)
+    return state not in ("Z", "X")
