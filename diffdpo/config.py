@@ -166,3 +166,12 @@ def check_model_source(value: str, key: str) -> bool:
         raise UserError(f"{key}={value!r} is not a local folder and the hub is offline (HF_HUB_OFFLINE=1); "
                         "pass a local path")
     return False
+
+
+def check_data_source(value: str, key: str) -> None:
+    """A local-looking data source (a path, not a glob or an ``org/name`` hub dataset) must exist."""
+    if not isinstance(value, str) or any(c in value for c in "*?[") or Path(value).expanduser().exists():
+        return
+    data_ext = Path(value).suffix.lower() in (".parquet", ".jsonl", ".json", ".csv", ".arrow")
+    if value.startswith((".", "/", "~")) or data_ext or value.count("/") != 1:
+        raise UserError(f"{key}={value!r}: no such file or folder")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from diffdpo.adapters import add_lora_from, has_lora, mixed_precision_dtype, resolve_dtype
+from diffdpo.config import UserError, check_data_source
 from diffdpo.diffusion.conditioning import (
     TEXT_KEYS,
     Conditioner,
@@ -47,16 +48,6 @@ from diffdpo.task import LogpsOut, load_trainable_state_dict, trainable_state_di
 NOISE_STREAM, DROPOUT_STREAM = 0, 1
 
 
-def _check_data_source(source: str) -> None:
-    """A local-looking Pick-a-Pic source (a path, not a glob or a hub dataset) must exist."""
-    from diffdpo.config import UserError
-
-    if not isinstance(source, str) or any(c in source for c in "*?[") or Path(source).expanduser().exists():
-        return
-    if source.startswith((".", "/", "~")) or source.endswith(".parquet") or source.count("/") != 1:
-        raise UserError(f"diffusion.data.source={source!r}: no such file or folder")
-
-
 class DiffusionPreferenceTask:
     """SD1.5/SDXL Diffusion-DPO on Pick-a-Pic-style pairs, from raw images or a latent cache."""
 
@@ -65,7 +56,7 @@ class DiffusionPreferenceTask:
         self.cfg, self.seed = cfg, seed
         self.device = accelerator.device
         weight_dtype = mixed_precision_dtype(accelerator.mixed_precision)
-        _check_data_source(cfg.data.source)  # before loading the model: a typo costs nothing
+        check_data_source(cfg.data.source, "diffusion.data.source")  # before loading the model
         self.components = components if components is not None else self._load(weight_dtype)
         self.kind = self.components.kind
         self.unet = self.components.unet
@@ -86,6 +77,14 @@ class DiffusionPreferenceTask:
     # ---- setup -------------------------------------------------------------------------------------
 
     def _load(self, weight_dtype: torch.dtype) -> DiffusionComponents:
+        m = self.cfg.model
+        try:
+            return self._load_components(weight_dtype)
+        except OSError as exc:  # diffusers/transformers: missing files, no network, ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"diffusion.model.pretrained={m.pretrained!r} could not be loaded: {first}") from exc
+
+    def _load_components(self, weight_dtype: torch.dtype) -> DiffusionComponents:
         m = self.cfg.model
         return load_components(
             m.pretrained, m.kind, revision=m.revision, variant=m.variant, vae_path=m.vae,

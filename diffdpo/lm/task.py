@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from diffdpo.adapters import adapters_disabled, add_lora_from, has_lora, resolve_dtype, save_lora_adapter
+from diffdpo.config import check_data_source
 from diffdpo.lm.config import LMConfig
 from diffdpo.lm.data import TokenizedDataset, TokenizeOptions, assign_kl_completions, load_preference_data
 from diffdpo.lm.logps import CausalLMLogps, head_spec, sequence_logps
@@ -50,6 +51,7 @@ class LMPreferenceTask:
                              "use kto, sft or a paired loss")
         if not cfg.model.pretrained or not cfg.data.source:
             raise ValueError("the LM task needs lm.model.pretrained and lm.data.source")
+        check_data_source(cfg.data.source, "lm.data.source")  # before loading the model
         mixed = getattr(accelerator, "mixed_precision", "no")
         frozen_dtype = resolve_dtype(cfg.model.dtype, mixed)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)

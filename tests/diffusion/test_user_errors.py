@@ -117,3 +117,13 @@ def test_a_missing_data_source_fails_before_the_model_loads(tmp_path, capsys):
     """The model path does not exist either: the data error comes first, so nothing was loaded."""
     line = _fails(capsys, *tiny_overrides(tmp_path / "no_model", tmp_path / "no_data.parquet", tmp_path / "a"), *QUIET)
     assert "diffusion.data.source" in line and "no_data.parquet" in line
+
+
+def test_a_pipeline_folder_missing_a_component_is_one_line(sd15_dir, pairs_parquet, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "no_vae"
+    shutil.copytree(sd15_dir, broken)
+    shutil.rmtree(broken / "vae")
+    line = _fails(capsys, *tiny_overrides(broken, pairs_parquet, tmp_path / "a"), *QUIET)
+    assert "diffusion.model.pretrained=" in line and "could not be loaded" in line

@@ -124,3 +124,14 @@ def test_resuming_reproduces_the_uninterrupted_losses(world, tmp_path):
     assert [h["step"] for h in resumed.history] == [3, 4]
     for h_full, h_res in zip(full.history[2:], resumed.history):
         assert h_res["loss"] == pytest.approx(h_full["loss"], rel=1e-5, abs=1e-7)
+
+
+def test_a_missing_lm_data_file_is_named_before_the_model_loads(tmp_path, capsys):
+    from diffdpo.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--config", str(REPO / "configs" / "lm_dpo_qwen_lora.yaml"), f"output_dir={tmp_path / 'x'}",
+              f"lm.data.source={tmp_path / 'pairs.jsonl'}", "lm.model.pretrained=Qwen/not-downloaded",
+              "mixed_precision=no", "gradient_checkpointing=false"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "lm.data.source=" in err and "pairs.jsonl" in err and "Traceback" not in err
