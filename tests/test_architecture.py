@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ["diffdpo.config", "diffdpo.task", "diffdpo.train", "diffdpo.losses", "diffdpo.adapters"]
 MODALITIES = ["diffdpo.diffusion", "diffdpo.lm", "diffdpo.dso", "diffdpo.data", "diffdpo.toy", "diffdpo.recipes"]
-LIBRARY = ["diffdpo.diffusion", "diffdpo.lm", "diffdpo.dso", "diffdpo.data", "diffdpo.eval", *CORE]
+LIBRARY = ["diffdpo.diffusion", "diffdpo.lm", "diffdpo.dso", "diffdpo.data", "diffdpo.eval", "diffdpo.rewards", *CORE]
 
 
 def _unit(module: str) -> str:
