@@ -115,6 +115,45 @@ def _register_dso(sub: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# relabel
+
+
+def _run_relabel(args: argparse.Namespace) -> int:
+    from diffdpo.data import relabel_pairs
+    from diffdpo.rewards import build_scorer
+
+    kw = {k: v for k, v in (("arch", args.arch), ("processor_path", args.processor_path),
+                            ("clip_path", args.clip_path)) if v is not None}
+    scorer = build_scorer(args.scorer, args.scorer_path, device=args.device, dtype=args.dtype, **kw)
+    result = relabel_pairs(args.source, scorer, batch_size=args.batch_size, tie_margin=args.tie_margin,
+                           out_path=args.out)
+    print(result.summary())
+    print("wrote " + ", ".join(str(p) for p in result.out_paths))
+    return 0
+
+
+def _register_relabel(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "relabel", help="AI-feedback relabelling of Pick-a-Pic pairs with a scorer (PickScore, HPSv2, CLIP, aesthetic)",
+        description="Score both images of every pair and relabel it (the AI-feedback variant of Diffusion-DPO, "
+        "Wallace et al. 2023); prints the five counts and the agreement with the earlier labels.",
+    )
+    p.add_argument("source", help="Pick-a-Pic v2 parquet file or folder of shards")
+    p.add_argument("out", nargs="?", default=None,
+                   help="output parquet (one source file) or folder (shards); default beside the source")
+    p.add_argument("--scorer", required=True, choices=["pickscore", "hpsv2", "clip", "aesthetic"], help="the scorer")
+    p.add_argument("--scorer-path", required=True, help="its weights: a local path, or a hub id")
+    p.add_argument("--arch", default=None, help="open_clip architecture (clip, hpsv2, aesthetic)")
+    p.add_argument("--processor-path", default=None, help="pickscore: processor folder (default: the model's)")
+    p.add_argument("--clip-path", default=None, help="aesthetic: the CLIP ViT-L/14 weights the head reads")
+    p.add_argument("--batch-size", type=int, default=32, help="pairs per scorer call")
+    p.add_argument("--tie-margin", type=float, default=0.0, help="score difference at or below which a pair is a tie")
+    p.add_argument("--device", default="cpu", help="torch device of the scorer")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.set_defaults(func=_run_relabel)
+
+
+# ------------------------------------------------------------------------------------------------
 # sim
 
 
@@ -139,6 +178,7 @@ _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_demo,
     _register_dso,
     _register_losses,
+    _register_relabel,
     _register_sim,
     _register_train,
 ]

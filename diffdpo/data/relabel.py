@@ -39,6 +39,18 @@ class RelabelResult:
     def total(self) -> int:
         return self.flipped + self.ties + self.unchanged + self.decided + self.skipped
 
+    @property
+    def agreement(self) -> float | None:
+        """Share of the rows decided both before (human labels) and now whose winner is unchanged."""
+        both = self.unchanged + self.flipped
+        return self.unchanged / both if both else None
+
+    def summary(self) -> str:
+        agree = "n/a" if self.agreement is None else f"{100 * self.agreement:.1f}%"
+        return (f"{self.total} rows: {self.unchanged} unchanged, {self.flipped} flipped, {self.decided} newly decided, "
+                f"{self.ties} ties, {self.skipped} skipped (undecodable); agreement with the earlier labels "
+                f"{agree} (of {self.unchanged + self.flipped} rows decided before and after)")
+
 
 class _PendingChunk:
     """A slice of source rows waiting for its scores before it can be written, in source order."""
