@@ -56,7 +56,8 @@ class DiffusionPreferenceTask:
         self.cfg, self.seed = cfg, seed
         self.device = accelerator.device
         weight_dtype = mixed_precision_dtype(accelerator.mixed_precision)
-        check_data_source(cfg.data.source, "diffusion.data.source")  # before loading the model
+        check_data_source(cfg.data.source, "diffusion.data.source")
+        pairs = self._read_pairs()  # before loading the model: bad or empty data costs no model load
         self.components = components if components is not None else self._load(weight_dtype)
         self.kind = self.components.kind
         self.unet = self.components.unet
@@ -68,7 +69,7 @@ class DiffusionPreferenceTask:
                                        timestep_scale=cfg.noise.timestep_scale)
         self.conditioner: Conditioner = conditioner_from(self.components, cfg.data.latent_mode)
         self._move_encoders()
-        self._dataset, self.cached = self._build_dataset(accelerator)
+        self._dataset, self.cached = self._build_dataset(pairs, accelerator)
         self.empty_cond = self._empty_cond()
         if self.cached:  # training from the cache never runs the VAE or the text encoders: free them
             self.conditioner.vae, self.conditioner.text_encoders = None, []
@@ -112,16 +113,23 @@ class DiffusionPreferenceTask:
             if module is not None:
                 module.to(self.device)
 
-    def _build_dataset(self, accelerator: Any) -> tuple[Any, bool]:
-        d = self.cfg.data
+    def _read_pairs(self) -> Any:
+        """The Pick-a-Pic pairs of ``diffusion.data``; none left after dropping is an error with the counts."""
         from diffdpo.data import PickAPicPairs
 
+        d = self.cfg.data
         allowed = set(d.model_filter) if d.model_filter else None
         pairs = PickAPicPairs(
             d.source, d.resolution, random_crop=d.random_crop, random_flip=d.random_flip, seed=self.seed,
             drop_ties=d.drop_ties, max_rows=d.max_rows, validate_images=d.validate_images,
             model_filter=(lambda m0, m1: m0 in allowed and m1 in allowed) if allowed else None,
         )
+        if len(pairs) == 0:
+            raise UserError(f"diffusion.data.source={d.source!r}: no usable pair ({' '.join(pairs.stats.summary().split())})")
+        return pairs
+
+    def _build_dataset(self, pairs: Any, accelerator: Any) -> tuple[Any, bool]:
+        d = self.cfg.data
         if not d.cache_dir:
             return pairs, False
         return self._cached(pairs, accelerator), True

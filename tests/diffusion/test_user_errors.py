@@ -33,7 +33,7 @@ def test_data_errors_name_the_file(sd15_dir, tmp_path, capsys):
     empty = tmp_path / "empty.parquet"
     write_pickapic_parquet(empty, [])
     line = _fails(capsys, *tiny_overrides(sd15_dir, empty, tmp_path / "a"), *QUIET)
-    assert "0 items" in line and "0 kept of 0 rows read" in line
+    assert "no usable pair" in line and "empty.parquet" in line and "0 kept of 0 rows read" in line
 
     no_columns = tmp_path / "wrong.parquet"
     pq.write_table(pa.table({"caption": ["x"], "image": [b"y"]}), no_columns)
@@ -127,3 +127,18 @@ def test_a_pipeline_folder_missing_a_component_is_one_line(sd15_dir, pairs_parqu
     shutil.rmtree(broken / "vae")
     line = _fails(capsys, *tiny_overrides(broken, pairs_parquet, tmp_path / "a"), *QUIET)
     assert "diffusion.model.pretrained=" in line and "could not be loaded" in line
+
+
+def test_max_rows_help_says_what_the_code_does(tmp_path):
+    """The reader keeps at most max_rows pairs (it reads on until then), as docs/data.md says."""
+    import dataclasses
+
+    from diffdpo.data import PickAPicPairs
+    from diffdpo.diffusion.config import PickAPicConfig
+
+    help_text = {f.name: f.metadata["help"] for f in dataclasses.fields(PickAPicConfig)}["max_rows"]
+    assert "pairs" in help_text and "at most" in help_text
+    rows = pickapic_rows(0, ties=2) + pickapic_rows(3)  # two ties first, then three decided pairs
+    data = write_pickapic_parquet(tmp_path / "ties_first.parquet", rows)
+    pairs = PickAPicPairs(str(data), 16, max_rows=2)
+    assert len(pairs) == 2 and pairs.stats.rows_read == 4 and pairs.stats.ties_dropped == 2
