@@ -115,6 +115,53 @@ def _register_dso(sub: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# eval
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from diffdpo.eval.compare import compare
+
+    result = compare(
+        args.base, args.prompts, args.scorer, args.out, lora=args.lora, unet=args.unet,
+        prompt_column=args.prompt_column, max_prompts=args.max_prompts, seeds=args.seeds, seed=args.seed,
+        steps=args.steps, guidance_scale=args.guidance_scale, resolution=args.resolution,
+        batch_size=args.batch_size, tie_margin=args.tie_margin, grid=args.grid, device=args.device, dtype=args.dtype,
+    )
+    print(result.summary())
+    print(f"wrote {result.report_path}, {result.grid_path}")
+    return 0
+
+
+def _register_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="win rate of a tuned text-to-image model (LoRA or UNet) over its base, judged by reward models",
+        description="Sample base and tuned images from the same prompts and seeds, score both with every --scorer, "
+        "and report each scorer's win rate (95%% CI, ties), mean score change, a JSON report and an image grid.",
+    )
+    p.add_argument("base", help="base pipeline: a diffusers folder (SD1.5, SDXL, data/toy_t2i) or a hub id")
+    tuned = p.add_mutually_exclusive_group(required=True)
+    tuned.add_argument("--lora", default=None, help="tuned = base + these LoRA weights (fused; file or folder)")
+    tuned.add_argument("--unet", default=None, help="tuned = base with this UNet (UNet folder or pipeline folder)")
+    p.add_argument("--prompts", required=True, help="text file (one prompt per line), or a .parquet / .csv file")
+    p.add_argument("--prompt-column", default=None, help="parquet/CSV column of the prompts (default: prompt or caption)")
+    p.add_argument("--max-prompts", type=int, default=None, help="use only the first N unique prompts")
+    p.add_argument("--scorer", action="append", required=True, metavar="NAME=PATH[,KEY=VALUE...]",
+                   help="a reward model (clip, pickscore, hpsv2, aesthetic) and its weights; repeatable")
+    p.add_argument("--out", required=True, help="output folder for report.json and grid.png")
+    p.add_argument("--seeds", type=int, default=1, help="images per prompt (seeds SEED, SEED+1, ...)")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
+    p.add_argument("--tie-margin", type=float, default=0.0, help="score difference at or below which a pair is a tie")
+    p.add_argument("--grid", type=int, default=8, help="comparisons shown in grid.png")
+    p.add_argument("--device", default="cpu", help="torch device of the pipeline and scorers")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.set_defaults(func=_run_eval)
+
+
+# ------------------------------------------------------------------------------------------------
 # relabel
 
 
@@ -177,6 +224,7 @@ def _register_sim(sub: argparse._SubParsersAction) -> None:
 _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_demo,
     _register_dso,
+    _register_eval,
     _register_losses,
     _register_relabel,
     _register_sim,
