@@ -117,19 +117,10 @@ def reuse_pairs(path: str, train_caps: list[str], heldout_caps: list[str]) -> Pa
 def tuned_pipeline(base: str, lora_dir: str | Path) -> Any:
     """The base pipeline with the LoRA weights in ``lora_dir`` fused into the UNet: the same images as
     the unfused adapter (to rounding: 1e-5 of the pixels differ by one level) without its extra matmuls."""
-    from diffusers.utils import logging as diffusers_logging
-
+    from diffdpo.eval.compare import apply_tuning
     from diffdpo.toy.t2i import load_pipeline
 
-    pipe = load_pipeline(base)
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder": the demo trains only the UNet
-    try:
-        pipe.load_lora_weights(str(lora_dir))
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    pipe.fuse_lora()
-    return pipe
+    return apply_tuning(load_pipeline(base), lora=lora_dir)  # the adapter fused in, as `diffdpo eval --lora`
 
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
