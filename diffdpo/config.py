@@ -145,23 +145,28 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def check_model_source(value: str, key: str) -> bool:
+def looks_like_hub_id(value: str) -> bool:
+    """``org/name``: exactly one ``/`` and not a relative, absolute or home path."""
+    return value.count("/") == 1 and not value.startswith((".", "/", "~")) and "\\" not in value
+
+
+def check_model_source(value: str, key: str, *, allow_file: bool = False) -> bool:
     """Fail early, with the config key, on a model path that cannot load; returns whether it is local.
 
-    A value that names an existing folder is local. One that looks like a path (absolute, relative with
-    ``.``, ``~`` or more than one ``/``) but does not exist is an error, never a hub lookup; a hub-shaped id
-    (``org/name``) is an error only when the hub is switched off (``HF_HUB_OFFLINE=1``).
+    An existing folder (or, with ``allow_file``, file) is local. A value that is not a hub id
+    (:func:`looks_like_hub_id`) and does not exist is an error, never a hub lookup; a hub id is an error
+    only when the hub is switched off (``HF_HUB_OFFLINE=1``).
     """
     import os
 
     path = Path(value).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (allow_file and path.exists()):
         return True
     if path.exists():
         raise UserError(f"{key}={value!r} is a file; it must be a model folder or a hub id")
-    looks_local = value.startswith((".", "/", "~")) or value.count("/") != 1 or "\\" in value
-    if looks_local:
-        raise UserError(f"{key}={value!r}: no such local folder (a hub id looks like 'org/name')")
+    if not looks_like_hub_id(value):
+        kind = "file or folder" if allow_file else "folder"
+        raise UserError(f"{key}={value!r}: no such local {kind} (a hub id looks like 'org/name')")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise UserError(f"{key}={value!r} is not a local folder and the hub is offline (HF_HUB_OFFLINE=1); "
                         "pass a local path")
@@ -169,9 +174,9 @@ def check_model_source(value: str, key: str) -> bool:
 
 
 def check_data_source(value: str, key: str) -> None:
-    """A local-looking data source (a path, not a glob or an ``org/name`` hub dataset) must exist."""
+    """A local-looking data source (a path or data file, not a glob or an ``org/name`` hub dataset) must exist."""
     if not isinstance(value, str) or any(c in value for c in "*?[") or Path(value).expanduser().exists():
         return
     data_ext = Path(value).suffix.lower() in (".parquet", ".jsonl", ".json", ".csv", ".arrow")
-    if value.startswith((".", "/", "~")) or data_ext or value.count("/") != 1:
+    if data_ext or not looks_like_hub_id(value):
         raise UserError(f"{key}={value!r}: no such file or folder")

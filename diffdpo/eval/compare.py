@@ -86,13 +86,10 @@ def parse_scorer_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
 
 
 def _is_local(path: str | Path, what: str) -> bool:
-    """True for an existing local path, False for a hub id (``org/name``); anything else is a missing path."""
-    text = str(path)
-    if Path(text).exists():
-        return True
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        return False
-    raise FileNotFoundError(f"{what} {text}: no such file or folder (nor a hub id of the form org/name)")
+    """True for an existing local path, False for a hub id (``org/name``); anything else is a one-line error."""
+    from diffdpo.config import check_model_source
+
+    return check_model_source(str(path), what, allow_file=True)
 
 
 def load_base_pipeline(path: str | Path, *, device: str = "cpu", dtype: str = "float32") -> Any:
