@@ -187,14 +187,19 @@ def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) ->
 
     name = str(peek_key(path, overrides, "task", default=TrainConfig.task))
     try:
-        spec = get_task(name)
+        get_task(name)  # an unknown task is named before the rest of the config is read
     except ValueError as exc:
         where = f"invalid config in {str(path)!r}: " if path is not None else ""
         raise ConfigError(f"{where}{exc}") from exc
     cfg = load_config(train_config_class(name), path, overrides)
-    if cfg.loss.beta is None:
-        cfg.loss.beta = spec.default_beta
+    _fill_default_beta(cfg)
     return cfg
+
+
+def _fill_default_beta(cfg: TrainConfig) -> None:
+    """``loss.beta`` left out takes the default of the task ``cfg.task`` names."""
+    if cfg.loss.beta is None:
+        cfg.loss.beta = get_task(cfg.task).default_beta
 
 
 def build_task(cfg: TrainConfig, accelerator: Any) -> PreferenceTask:
@@ -285,6 +290,12 @@ def _make_collate(task: PreferenceTask):
     return collate
 
 
+def data_summary(dataset: Any) -> str | None:
+    """What the dataset's reader kept and dropped (``dataset.stats.summary()``), if it keeps such counts."""
+    stats = getattr(dataset, "stats", None)
+    return stats.summary() if stats is not None and hasattr(stats, "summary") else None
+
+
 def micro_batches(task: PreferenceTask, cfg: TrainConfig, accelerator: Any, state: TrainState
                   ) -> Iterator[tuple[torch.Tensor, Any]]:
     """Endless ``(keys, batch)`` micro-batches from ``state``'s data position, advancing it as they are taken."""
@@ -293,8 +304,8 @@ def micro_batches(task: PreferenceTask, cfg: TrainConfig, accelerator: Any, stat
     if n < cfg.per_device_batch_size * world:
         from diffdpo.config import UserError
 
-        stats = getattr(dataset, "stats", None)
-        counts = f"; {' '.join(stats.summary().split())}" if stats is not None and hasattr(stats, "summary") else ""
+        summary = data_summary(dataset)
+        counts = f"; {' '.join(summary.split())}" if summary else ""
         raise UserError(f"the dataset has {n} items, fewer than one global batch "
                         f"({cfg.per_device_batch_size} x {world} processes){counts}")
     while True:
@@ -649,10 +660,9 @@ def setup(cfg: TrainConfig, task: PreferenceTask | None = None) -> Trainer:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    if cfg.loss.beta is None:
-        if task is not None:
-            raise ValueError("loss.beta must be set when a task object is handed to the loop")
-        cfg.loss.beta = get_task(cfg.task).default_beta
+    if cfg.loss.beta is None and task is not None:
+        raise ValueError("loss.beta must be set when a task object is handed to the loop")
+    _fill_default_beta(cfg)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     prepare_output_dir(cfg, main_process=accelerator.is_main_process)  # before loading models: fail fast
     accelerator.wait_for_everyone()
@@ -749,14 +759,14 @@ def run(tr: Trainer) -> TrainResult:
                 save_checkpoint(tr)
     finally:
         logger.close()
-    stats = getattr(tr.task.dataset(), "stats", None)
-    if stats is not None and hasattr(stats, "summary"):
-        acc.print(stats.summary())  # rows read, ties dropped, corrupt rows skipped (this process's view)
+    summary = data_summary(tr.task.dataset())
+    if summary:
+        acc.print(summary)  # rows read, ties dropped, corrupt rows skipped (this process's view)
     if history and sum(h.get("pairs", 0.0) for h in history) == 0:
         from diffdpo.config import UserError
 
         raise UserError(f"no usable example in {len(history)} steps: every batch was empty (all rows undecodable?)"
-                        + (f"; {stats.summary()}" if stats is not None and hasattr(stats, "summary") else ""))
+                        + (f"; {' '.join(summary.split())}" if summary else ""))
     final = Path(cfg.output_dir) / "final"
     if acc.is_main_process:  # export beside, then rename: an interrupted export never looks complete
         tmp = final.with_name(".final.tmp")
