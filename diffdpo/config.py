@@ -45,18 +45,14 @@ def _field_type(cls: Any, dotted: str) -> Any:
     """The annotation of the (nested) dataclass field ``dotted`` of ``cls``, or ``None``."""
     import typing
 
-    for i, name in enumerate(dotted.split(".")):
+    for name in dotted.split("."):
         if not dataclasses.is_dataclass(cls):
             return None
         try:
             hints = typing.get_type_hints(cls)
         except Exception:  # noqa: BLE001 (unresolvable annotations: no special handling)
             return None
-        if name not in hints:
-            return None
-        cls = hints[name]
-        if i < len(dotted.split(".")) - 1 and not dataclasses.is_dataclass(cls):
-            return None
+        cls = hints.get(name)
     return cls
 
 
@@ -85,24 +81,22 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     errors = (OmegaConfBaseException, ValueError, TypeError, yaml.YAMLError)
-    where = "the defaults"
+    file = repr(str(path)) if path is not None else None
+    where = "the defaults"  # named in the error: the step that failed
     try:
         merged = OmegaConf.structured(cls)
         if path is not None:
-            path = Path(path)
-            where = repr(str(path))
+            path, where = Path(path), file
             if not path.is_file():
-                raise ConfigError(f"config file {str(path)!r} does not exist")
+                raise ConfigError(f"config file {file} does not exist")
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         if overrides:
-            where = "the command line" + (f" (over {str(path)!r})" if path is not None else "")
+            where = "the command line" + (f" (over {file})" if file else "")
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(_quote_words(cls, _parse_overrides(overrides))))
-        where = repr(str(path)) if path is not None else "the command line"
-        if overrides and path is not None:
-            where = f"{str(path)!r} with the command-line overrides"
+        # the dataclass's own validation (ValueError/TypeError from __post_init__) sees file and overrides together
+        where = f"{file} with the command-line overrides" if file and overrides else file or "the command line"
         cfg = OmegaConf.to_object(merged)
     except errors as exc:
-        # ValueError/TypeError come from the dataclass's own __post_init__ validation.
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"invalid config in {where}: {' '.join(str(exc).split())}") from exc
