@@ -30,6 +30,7 @@ import torch
 
 from diffdpo.config import help_meta
 from diffdpo.lm.config import LMConfig
+from diffdpo.lm.task import LMPreferenceTask
 from diffdpo.losses import POINTWISE_LOSS_TYPES
 from diffdpo.task import TaskContext, TaskSpec
 
@@ -243,61 +244,37 @@ class TinyLMConfig(LMConfig):
     eval_samples_per_prompt: int = field(default=16, metadata=help_meta("sampled reviews per held-out prompt"))
 
 
-class TinyLMTask:
-    """:class:`diffdpo.lm.task.LMPreferenceTask` on the tiny world, with the judge's evaluation handed in:
-    the positive rate of sampled reviews before training and, at export, after (``eval.json``)."""
+class TinyLMTask(LMPreferenceTask):
+    """:class:`diffdpo.lm.task.LMPreferenceTask` on the tiny world, with the judge's evaluation added: the
+    positive rate of sampled reviews before training and, at export, after (``eval.json``)."""
 
-    def __init__(self, cfg: TinyLMConfig, context: TaskContext) -> None:
-        from diffdpo.lm.task import LMPreferenceTask
-
-        world = build_world(cfg.world, seed=context.seed)
-        pointwise = context.loss_type in POINTWISE_LOSS_TYPES
-        cfg.model.pretrained = cfg.model.pretrained or str(world.model_dir)
-        cfg.data.source = cfg.data.source or str(world.unpaired if pointwise else world.pairs)
-        self.cfg, self.seed = cfg, context.seed
-        self.inner = LMPreferenceTask(cfg, loss_type=context.loss_type, accelerator=context.accelerator,
-                                      seed=context.seed, per_device_batch_size=context.per_device_batch_size,
-                                      gradient_checkpointing=context.gradient_checkpointing)
+    def __init__(self, cfg: TinyLMConfig, **kwargs: Any) -> None:
+        super().__init__(cfg, **kwargs)
         self.initial_eval = self.evaluate()
 
-    def __getattr__(self, name: str) -> Any:  # everything else is the LM task's (policy, tokenizer, ...)
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def trainable_module(self) -> torch.nn.Module:
-        return self.inner.trainable_module()
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return self.inner.trainable_parameters()
-
-    def dataset(self) -> Any:
-        return self.inner.dataset()
-
-    def collate(self, items: list[Any]) -> Any:
-        return self.inner.collate(items)
-
-    def compute(self, model: torch.nn.Module, batch: Any, keys: torch.Tensor) -> Any:
-        return self.inner.compute(model, batch, keys)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.inner.load_state_dict(state)
-
     def evaluate(self) -> dict[str, float]:
-        return evaluate_policy(self.inner.policy.model, self.inner.tokenizer,
-                               samples_per_prompt=self.cfg.eval_samples_per_prompt, seed=self.seed)
+        return evaluate_policy(self.policy.model, self.tokenizer, samples_per_prompt=self.cfg.eval_samples_per_prompt,
+                               seed=self.seed)
 
     def export(self, out_dir: Path) -> None:
         """The LM task's export, plus ``eval.json`` with the judged positive rate before and after."""
-        self.inner.export(out_dir)
+        super().export(out_dir)
         result = {"before": self.initial_eval, "after": self.evaluate()}
         (Path(out_dir) / "eval.json").write_text(json.dumps(result, indent=1))
         print(f"tiny-world evaluation: positive rate {result['before']['eval/positive_rate']:.3f} -> "
               f"{result['after']['eval/positive_rate']:.3f}")
 
 
-TASK = TaskSpec("tiny_lm", TinyLMConfig, TinyLMTask, default_beta=0.1,
+def build_task(cfg: TinyLMConfig, context: TaskContext) -> TinyLMTask:
+    """Build the world under ``cfg.world`` (once), point the LM section's model and data at it, train on it."""
+    world = build_world(cfg.world, seed=context.seed)
+    pointwise = context.loss_type in POINTWISE_LOSS_TYPES
+    cfg.model.pretrained = cfg.model.pretrained or str(world.model_dir)
+    cfg.data.source = cfg.data.source or str(world.unpaired if pointwise else world.pairs)
+    return TinyLMTask(cfg, loss_type=context.loss_type, accelerator=context.accelerator, seed=context.seed,
+                      per_device_batch_size=context.per_device_batch_size,
+                      gradient_checkpointing=context.gradient_checkpointing)
+
+
+TASK = TaskSpec("tiny_lm", TinyLMConfig, build_task, default_beta=0.1,
                 description="the LM task on the embedded tiny review world, judged before and after training")
