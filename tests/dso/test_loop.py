@@ -229,18 +229,23 @@ def test_accept_round_compares_good_shares_overall_and_per_class():
     assert ok and info["worst_class_recognised_change"] == 0.0
 
 
-class _WorseWhenTrained(BoxGenerator):
-    """The box world, except that any trained adapter (a nonzero LoRA B) knocks every upper box off."""
+class _ChangedWhenTrained(BoxGenerator):
+    """The box world, except that any trained adapter (a nonzero LoRA B) sets every upper box's shift to
+    ``trained_shift``: 1.0 knocks them all off (worse), 0.0 centres them so all stand (better)."""
+
+    def __init__(self, trained_shift: float) -> None:
+        super().__init__()
+        self.trained_shift = trained_shift
 
     def sample(self, conditions, seeds):
         x = super().sample(conditions, seeds)
         if any(torch.count_nonzero(p) for n, p in self.network.named_parameters() if "lora_B" in n):
-            x[:, 3] = 1.0
+            x[:, 3] = self.trained_shift
         return x
 
 
 def test_a_round_that_makes_the_policy_worse_is_reverted(tmp_path):
-    gen = _WorseWhenTrained()
+    gen = _ChangedWhenTrained(trained_shift=1.0)
     report = run_dso(_small_cfg(tmp_path, validate_per_class=8), gen)
     info = report["rounds"][1]
     v = info["validation"]
@@ -252,20 +257,10 @@ def test_a_round_that_makes_the_policy_worse_is_reverted(tmp_path):
     assert (scores["split"] == "validation").sum() == 2 * 8
 
 
-class _BetterWhenTrained(BoxGenerator):
-    """The box world, except that any trained adapter (a nonzero LoRA B) centres every upper box: all stand."""
-
-    def sample(self, conditions, seeds):
-        x = super().sample(conditions, seeds)
-        if any(torch.count_nonzero(p) for n, p in self.network.named_parameters() if "lora_B" in n):
-            x[:, 3] = 0.0
-        return x
-
-
 def test_an_improving_round_is_kept(tmp_path):
     """Training makes every sample stable, so validation must accept the round and keep the adapter;
     a rejected round (reverted adapter, the base's eval repeated) fails each assertion below."""
-    gen = _BetterWhenTrained()
+    gen = _ChangedWhenTrained(trained_shift=0.0)
     report = run_dso(_small_cfg(tmp_path, validate_per_class=8), gen)
     v = report["rounds"][1]["validation"]
     assert v["accepted"] is True and v["step"] == 1.0
