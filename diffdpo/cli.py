@@ -115,7 +115,14 @@ def _register_dso(sub: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# eval
+# eval and relabel (reward models)
+
+
+def _add_scoring_args(p: argparse.ArgumentParser, what: str) -> None:
+    """The options every reward-model command shares: tie margin, device and dtype."""
+    p.add_argument("--tie-margin", type=float, default=0.0, help="score difference at or below which a pair is a tie")
+    p.add_argument("--device", default="cpu", help=f"torch device of {what}")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -154,15 +161,9 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
-    p.add_argument("--tie-margin", type=float, default=0.0, help="score difference at or below which a pair is a tie")
     p.add_argument("--grid", type=int, default=8, help="comparisons shown in grid.png")
-    p.add_argument("--device", default="cpu", help="torch device of the pipeline and scorers")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    _add_scoring_args(p, "the pipeline and scorers")
     p.set_defaults(func=_run_eval)
-
-
-# ------------------------------------------------------------------------------------------------
-# relabel
 
 
 def _run_relabel(args: argparse.Namespace) -> int:
@@ -194,9 +195,7 @@ def _register_relabel(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--processor-path", default=None, help="pickscore: processor folder (default: the model's)")
     p.add_argument("--clip-path", default=None, help="aesthetic: the CLIP ViT-L/14 weights the head reads")
     p.add_argument("--batch-size", type=int, default=32, help="pairs per scorer call")
-    p.add_argument("--tie-margin", type=float, default=0.0, help="score difference at or below which a pair is a tie")
-    p.add_argument("--device", default="cpu", help="torch device of the scorer")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    _add_scoring_args(p, "the scorer")
     p.set_defaults(func=_run_relabel)
 
 
