@@ -23,7 +23,7 @@ from sim.config import StabilityConfig
 # File types we hand to trimesh (point-cloud formats such as .xyz are excluded: no triangles).
 MESH_SUFFIXES = (".obj", ".glb", ".gltf", ".ply", ".stl", ".off")
 
-# Above this many faces a result carries a "large mesh" warning (the 1M+ face case).
+# Above this many faces a result carries a "large mesh" warning (for very large inputs, e.g. 1M+ faces).
 LARGE_MESH_FACES = 1_000_000
 # Voxel fallback: closing iterations (holes up to about twice this many voxels get bridged).
 VOXEL_CLOSING = 3
