@@ -55,8 +55,8 @@ class LMPreferenceTask:
         mixed = getattr(accelerator, "mixed_precision", "no")
         frozen_dtype = resolve_dtype(cfg.model.dtype, mixed)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+        self._dataset = self._load_data(per_device_batch_size)  # before the model: empty data costs no model load
         lm = model if model is not None else load_causal_lm(cfg.model, frozen_dtype if cfg.lora.enabled else torch.float32)
-        self._dataset = self._load_data(per_device_batch_size)
         self.base_fingerprint = model_fingerprint(lm, cfg.model.pretrained, str(cfg.model.revision))
         self.attn_implementation = prepare_for_packing(lm, cfg.layout)
         if cfg.lora.enabled:

@@ -135,3 +135,17 @@ def test_a_missing_lm_data_file_is_named_before_the_model_loads(tmp_path, capsys
               "mixed_precision=no", "gradient_checkpointing=false"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "lm.data.source=" in err and "pairs.jsonl" in err and "Traceback" not in err
+
+
+def test_lm_data_with_no_usable_example_fails_before_the_model_loads(world, tmp_path, capsys):
+    """Every completion empty: the data error (with the reader's report) comes first, so the missing model
+    folder is never reached."""
+    from diffdpo.cli import main
+
+    data = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "review : the soup was", "chosen": "", "rejected": ""}] * 4)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--config", str(REPO / "configs" / "lm_dpo_qwen_lora.yaml"), f"output_dir={tmp_path / 'x'}",
+              f"lm.data.source={data}", f"lm.model.pretrained={tmp_path / 'no_model'}",
+              f"lm.model.tokenizer={world.model_dir}", "mixed_precision=no", "gradient_checkpointing=false"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "no example left to train on" in err and "no_model" not in err
