@@ -241,6 +241,10 @@ def preference_loss(
         **extra: per-type options:
             ``chosen_lengths``/``rejected_lengths`` ([B], ``ipo`` only): divide each f-score by its
             completion length before the IPO loss (TRL's length normalisation).
+            ``preference_probs`` ([B], ``ipo`` only): soft labels p = P(the ``chosen`` completion beats
+            the ``rejected`` one), e.g. a preference model's output in online IPO / IPO-MD, where the
+            two completions are just the two samples y, y'; p = 1 is plain IPO. Values are not checked
+            (that would read the tensor); keep them in [0, 1].
             ``bco_delta`` (float or scalar tensor, ``bco_pair``): reward shift, a running mean of
             rewards in BCO (Jung et al. 2024); default 0 as in TRL.
             ``simpo_gamma`` (float, ``simpo``): target reward margin gamma, default 0.5.
@@ -293,7 +297,7 @@ def preference_loss(
 
 
 _EXTRA_KEYS: dict[str, frozenset[str]] = {t: frozenset() for t in PREFERENCE_LOSS_TYPES}
-_EXTRA_KEYS["ipo"] = frozenset({"chosen_lengths", "rejected_lengths"})
+_EXTRA_KEYS["ipo"] = frozenset({"chosen_lengths", "rejected_lengths", "preference_probs"})
 _EXTRA_KEYS["bco_pair"] = frozenset({"bco_delta"})
 _EXTRA_KEYS["simpo"] = frozenset({"simpo_gamma"})
 _EXTRA_KEYS["modpo"] = frozenset({"margin_rewards_chosen", "margin_rewards_rejected", "weights"})
@@ -307,11 +311,16 @@ def _delta_loss(
     label_smoothing: float,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
+    preference_probs: Tensor | None = None,
 ) -> Tensor:
     """Losses that depend on the pair only through ``delta = score_w - score_l``."""
     if loss_type == "ipo":
         # IPO, Azar et al. 2023 (arXiv 2310.12036) eq. 17: (h - 1/(2 tau))^2 with h = delta.
         # Optional length normalisation of each score, as TRL does (confirmed with the IPO authors).
+        # Soft labels p (online IPO / IPO-MD, Calandriello et al. 2024, arXiv 2403.08635; this form is
+        # from a secondary summary of the paper, not yet checked against its equations):
+        # p (h - 1/(2 tau))^2 + (1 - p) (-h - 1/(2 tau))^2 = (h - (2p - 1)/(2 tau))^2 + p (1 - p) / tau^2,
+        # i.e. h regressed towards (2p - 1)/(2 tau); p = 1 is the hard-label loss above.
         if (chosen_lengths is None) != (rejected_lengths is None):
             raise ValueError(
                 "pass both chosen_lengths and rejected_lengths for IPO length normalisation, or neither"
@@ -323,7 +332,11 @@ def _delta_loss(
             chosen_scores = chosen_scores / chosen_lengths.clamp(min=1)
             rejected_scores = rejected_scores / rejected_lengths.clamp(min=1)
         delta = chosen_scores - rejected_scores
-        return (delta - 1.0 / (2.0 * beta)) ** 2
+        if preference_probs is None:
+            return (delta - 1.0 / (2.0 * beta)) ** 2
+        _check_same_shape(chosen_scores=chosen_scores, preference_probs=preference_probs)
+        p = preference_probs.to(delta.dtype)
+        return p * (delta - 1.0 / (2.0 * beta)) ** 2 + (1.0 - p) * (-delta - 1.0 / (2.0 * beta)) ** 2
 
     logits = beta * (chosen_scores - rejected_scores)  # beta * delta, [B]
     eps = label_smoothing
@@ -583,3 +596,107 @@ def _kto_loss(
     undesirable = 1.0 - torch.sigmoid(beta * (z - logratios))
     losses = torch.where(labels, desirable_weight * desirable, undesirable_weight * undesirable)
     return losses, z
+
+
+# ----------------------------------------------------------------------------------------------
+# group losses (G sampled completions per query)
+
+
+@dataclass
+class GroupLossOutput:
+    """Per-query losses and detached diagnostics of :func:`grao_loss`."""
+
+    losses: Tensor  # [B], differentiable, unreduced
+    advantages: Tensor  # [B, G], detached A_i of the sampled completions
+    ref_answer_advantages: Tensor  # [B], detached A_y of the reference answers
+    reward_std: Tensor  # [B], detached std of the G sample rewards (0: the group carries no signal)
+
+    def metrics(self) -> dict[str, Tensor]:
+        """Batch means of the diagnostics (still tensors: no device sync here)."""
+        return {
+            "loss": self.losses.detach().mean(),
+            "advantages/ref_answer": self.ref_answer_advantages.mean(),
+            "advantages/std": self.advantages.std(dim=1).mean(),
+            "rewards/std": self.reward_std.mean(),
+            "groups/zero_std": (self.reward_std == 0).to(self.reward_std.dtype).mean(),
+        }
+
+
+def group_advantages(rewards: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """``((R - mean) / (std + eps), std)`` over the last dim of ``rewards`` [..., G], detached.
+
+    ``std`` has Bessel's correction, as TRL's GRPOTrainer normalises. A group whose rewards are all
+    equal gets advantages of exactly 0 (never NaN, whatever ``eps``): it carries no preference signal.
+    """
+    rewards = rewards.detach()
+    mean = rewards.mean(dim=-1, keepdim=True)
+    std = rewards.std(dim=-1, keepdim=True)
+    flat = rewards.amax(dim=-1, keepdim=True) == rewards.amin(dim=-1, keepdim=True)
+    advantages = torch.where(flat, torch.zeros_like(rewards), (rewards - mean) / (std + eps))
+    return advantages, std.squeeze(-1)
+
+
+def grao_loss(
+    policy_sample_logps_avg: Tensor,
+    policy_ref_answer_logps_avg: Tensor,
+    rewards: Tensor,
+    ref_answer_reward: Tensor,
+    *,
+    beta: float = 0.5,
+    lam: float = 0.6,
+    eps: float = 1e-6,
+) -> GroupLossOutput:
+    """GRAO's group direct alignment loss per query (Wang et al. 2025, "Learning to Align, Aligning to
+    Learn: A Unified Approach for Self-Optimized Alignment", arXiv 2508.07750).
+
+    For a query q with a reference answer y and G completions o_i sampled from the policy, with
+    J_exp(o) and J_imit(y) the length-averaged log pi(. | q):
+
+        loss = -(1/G) sum_i [A_i J_exp(o_i) + beta A_y J_imit(y) + lam A_i (J_exp(o_i) - J_imit(y))]
+
+    the negated objective (exploration, imitation of the reference answer, and the "reference-aware"
+    alignment term; the reference is the answer y, not a reference model: there is no KL term). A_i =
+    (R_i - mean) / std over the G sample rewards. A_y, the reference answer's advantage, is normalised
+    over the G + 1 rewards {R_1..R_G, R_y}: **our guess**, as the equations are reassembled from a
+    garbled text of the paper (see ``REFERENCES.md``); the G sample advantages do not include y. The
+    paper's settings: G 8, beta 0.5, lam 0.6. Since sum_i A_i = 0, the lam term reduces to
+    lam mean_i A_i J_exp(o_i) unless the group is flat.
+
+    Args:
+        policy_sample_logps_avg: [B, G] length-averaged log-probs of the sampled completions (policy).
+        policy_ref_answer_logps_avg: [B] length-averaged log-probs of the reference answers (policy).
+        rewards: [B, G] rewards of the samples (GRAO: a judge's +1 / 0 / -1 against the reference).
+        ref_answer_reward: [B] reward of each reference answer.
+        beta: weight of the imitation term (>= 0). lam: weight of the alignment term (>= 0).
+        eps: added to the std before dividing (>= 0); flat groups give A = 0 regardless.
+
+    Returns:
+        :class:`GroupLossOutput` with unreduced ``losses`` of shape [B]. G must be >= 2.
+    """
+    for name, value in (("beta", beta), ("lam", lam), ("eps", eps)):
+        if isinstance(value, Tensor) or not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite Python float >= 0, got {name}={value!r}")
+    for name, t in (("policy_sample_logps_avg", policy_sample_logps_avg), ("rewards", rewards)):
+        if not isinstance(t, Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a [B, G] tensor (G completions per query), got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if rewards.shape != policy_sample_logps_avg.shape:
+        raise ValueError(f"shape mismatch: rewards has shape {tuple(rewards.shape)} but policy_sample_logps_avg "
+                         f"has shape {tuple(policy_sample_logps_avg.shape)}")
+    batch, group = policy_sample_logps_avg.shape
+    if group < 2:
+        raise ValueError(f"GRAO needs G >= 2 completions per query to compare them, got G={group}")
+    shape = _check_same_shape(policy_ref_answer_logps_avg=policy_ref_answer_logps_avg,
+                              ref_answer_reward=ref_answer_reward)
+    if shape[0] != batch:
+        raise ValueError(f"policy_ref_answer_logps_avg has {shape[0]} queries but the samples have B={batch}")
+
+    dtype = policy_sample_logps_avg.dtype
+    advantages, reward_std = group_advantages(rewards.to(dtype), eps)  # [B, G], [B]
+    with_answer = torch.cat([rewards, ref_answer_reward.unsqueeze(1)], dim=1).to(dtype)  # [B, G + 1]
+    ref_answer_advantages = group_advantages(with_answer, eps)[0][:, -1]  # [B]
+    j_exp = policy_sample_logps_avg  # [B, G]
+    j_imit = policy_ref_answer_logps_avg.unsqueeze(1)  # [B, 1]
+    objective = (advantages * j_exp + beta * ref_answer_advantages.unsqueeze(1) * j_imit
+                 + lam * advantages * (j_exp - j_imit))  # [B, G]
+    return GroupLossOutput(-objective.mean(dim=1), advantages, ref_answer_advantages, reward_std)

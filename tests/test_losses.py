@@ -21,6 +21,7 @@ from diffdpo.losses import (
     POINTWISE_LOSS_TYPES,
     PREFERENCE_LOSS_TYPES,
     REFERENCE_FREE_LOSS_TYPES,
+    grao_loss,
     pointwise_loss,
     preference_loss,
 )
@@ -586,3 +587,140 @@ def test_no_host_sync(monkeypatch):
     pointwise_loss(x[0], x[1], labels, loss_type="kto", beta=0.1)
     pointwise_loss(x[0], x[1], labels, loss_type="dso_dro", beta=0.1, anchored=True)
     pointwise_loss(x[0], x[1], x[2].detach(), loss_type="dro", beta=0.1, values=x[3])
+
+
+# --------------------------------------------------------------------------------------------
+# online IPO with soft labels (Calandriello et al. 2024) and GRAO (Wang et al. 2025)
+
+
+def test_soft_ipo_by_hand():
+    """delta = h = 1, tau = beta = 0.25 (1/(2 tau) = 2), p = 0.8:
+        p (h - 2)^2 + (1 - p) (-h - 2)^2 = 0.8 * 1 + 0.2 * 9 = 2.6.
+    Expanding, p (h - c)^2 + (1 - p) (h + c)^2 = h^2 - 2 c (2p - 1) h + c^2
+                                               = (h - (2p - 1) c)^2 + c^2 (1 - (2p - 1)^2)
+                                               = (h - (2p - 1)/(2 tau))^2 + p (1 - p) / tau^2,
+    here (1 - 1.2)^2 + 0.16 / 0.0625 = 0.04 + 2.56 = 2.6: h is regressed towards (2p - 1)/(2 tau)."""
+    got = loss_of("ipo", 0.25, preference_probs=torch.tensor([0.8], dtype=torch.float64))
+    assert got == pytest.approx(2.6, abs=1e-12)
+    assert got == pytest.approx((1 - 0.6 * 2) ** 2 + 0.8 * 0.2 / 0.25**2, abs=1e-12)
+    # p = 1/2: the minimiser is h = 0 (no preference, no push), the gradient there is 0
+    h = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    zero = torch.zeros(1, dtype=torch.float64)
+    out = preference_loss(h, zero, zero, zero, loss_type="ipo", beta=0.25,
+                          preference_probs=torch.tensor([0.5], dtype=torch.float64))
+    (grad,) = torch.autograd.grad(out.losses.sum(), h)
+    assert float(grad) == 0.0
+
+
+@pytest.mark.parametrize("lengths", [False, True])
+def test_soft_ipo_hard_labels_are_ipo(lengths):
+    """p = 1 is the IPO loss on (chosen, rejected); p = 0 is the IPO loss on the swapped pair, with or
+    without length normalisation."""
+    x = _random_batch(3, n=8)
+    extra = {}
+    if lengths:
+        extra = {"chosen_lengths": torch.arange(1.0, 9.0), "rejected_lengths": torch.arange(8.0, 0.0, -1)}
+    ipo = preference_loss(*x, loss_type="ipo", beta=0.3, **extra).losses
+    ones = preference_loss(*x, loss_type="ipo", beta=0.3, preference_probs=torch.ones(8), **extra).losses
+    torch.testing.assert_close(ones, ipo, rtol=0, atol=0)
+    swapped_extra = ({"chosen_lengths": extra["rejected_lengths"], "rejected_lengths": extra["chosen_lengths"]}
+                     if lengths else {})
+    swapped = preference_loss(x[1], x[0], x[3], x[2], loss_type="ipo", beta=0.3, **swapped_extra).losses
+    zeros = preference_loss(*x, loss_type="ipo", beta=0.3, preference_probs=torch.zeros(8), **extra).losses
+    torch.testing.assert_close(zeros, swapped)
+
+
+def test_soft_ipo_bad_arguments():
+    with pytest.raises(ValueError, match="preference_probs"):
+        preference_loss(*pair(), loss_type="sigmoid", preference_probs=torch.ones(1))
+    with pytest.raises(ValueError, match="shape mismatch: preference_probs"):
+        preference_loss(*pair(), loss_type="ipo", preference_probs=torch.ones(2))
+
+
+def grao_inputs(dtype=torch.float64):
+    """G = 3: J_exp = (-1, -2, -3), J_imit = -1.5, rewards (1, 0, -1), reference answer reward 1."""
+    j_exp = torch.tensor([[-1.0, -2.0, -3.0]], dtype=dtype, requires_grad=True)
+    j_imit = torch.tensor([-1.5], dtype=dtype, requires_grad=True)
+    return j_exp, j_imit, torch.tensor([[1.0, 0.0, -1.0]], dtype=dtype), torch.tensor([1.0], dtype=dtype)
+
+
+def test_grao_by_hand():
+    """Samples: mean 0, std (Bessel) sqrt((1 + 0 + 1) / 2) = 1, so A = (1, 0, -1).
+    With the answer, {1, 0, -1, 1}: mean 0.25, squared deviations 0.5625 + 0.0625 + 1.5625 + 0.5625
+    = 2.75, std sqrt(2.75 / 3) = 0.957427, A_y = 0.75 / 0.957427 = 0.783349.
+    beta = 0.5, lam = 0.6:
+        (1/G) sum_i A_i J_exp(o_i)                = (-1 + 0 + 3) / 3              =  0.666667
+        beta A_y J_imit(y)                       = 0.5 * 0.783349 * (-1.5)       = -0.587512
+        (1/G) sum_i lam A_i (J_exp(o_i) - J_imit) = 0.6 * (1 * 0.5 + (-1) * (-1.5)) / 3 = 0.4
+        loss = -(0.666667 - 0.587512 + 0.4) = -0.479155
+    Gradients: d loss / d J_exp(o_i) = -(1 + lam) A_i / G = -1.6 * (1, 0, -1) / 3;
+    d loss / d J_imit(y) = -beta A_y + lam * mean_i A_i = -0.391675 (the advantages sum to 0)."""
+    j_exp, j_imit, rewards, answer_reward = grao_inputs()
+    out = grao_loss(j_exp, j_imit, rewards, answer_reward, beta=0.5, lam=0.6, eps=0.0)
+    a_y = 0.75 / math.sqrt(2.75 / 3)
+    expected = -(2 / 3 + 0.5 * a_y * -1.5 + 0.6 * 2 / 3)
+    assert float(out.losses.detach()[0]) == pytest.approx(expected, abs=1e-12)
+    assert float(out.losses.detach()[0]) == pytest.approx(-0.479155, abs=1e-6)
+    assert out.advantages.tolist() == [[1.0, 0.0, -1.0]]
+    assert float(out.ref_answer_advantages[0]) == pytest.approx(0.783349, abs=1e-6)
+    grad_exp, grad_imit = torch.autograd.grad(out.losses.sum(), (j_exp, j_imit))
+    torch.testing.assert_close(grad_exp, torch.tensor([[-1.6 / 3, 0.0, 1.6 / 3]], dtype=torch.float64))
+    assert float(grad_imit[0]) == pytest.approx(-0.5 * a_y, abs=1e-12)
+    # the default eps = 1e-6 moves this by ~1e-6 only
+    default = grao_loss(*grao_inputs()).losses.detach()
+    assert float(default[0]) == pytest.approx(expected, abs=1e-5)
+    assert not out.advantages.requires_grad and not out.ref_answer_advantages.requires_grad
+    m = out.metrics()
+    assert set(m) == {"loss", "advantages/ref_answer", "advantages/std", "rewards/std", "groups/zero_std"}
+    assert float(m["rewards/std"]) == 1.0 and float(m["groups/zero_std"]) == 0.0
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-6])
+def test_grao_flat_groups_give_zero_advantages_not_nan(eps):
+    """Query 0: rewards (0.3, 0.3, 0.3) and answer 0.3: every advantage is 0, so is the loss and its
+    gradient. Query 1: rewards (0, 0, 0), answer 1: A_i = 0 but over {0, 0, 0, 1} (mean 0.25, std
+    sqrt(0.75 / 3) = 0.5) A_y = 0.75 / 0.5 = 1.5, so only imitation is left:
+    loss = -beta * A_y * J_imit = -0.5 * 1.5 * (-2) = 1.5."""
+    j_exp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -4.0]], dtype=torch.float64, requires_grad=True)
+    j_imit = torch.tensor([-1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    rewards = torch.tensor([[0.3, 0.3, 0.3], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    out = grao_loss(j_exp, j_imit, rewards, torch.tensor([0.3, 1.0], dtype=torch.float64), eps=eps)
+    assert torch.equal(out.advantages, torch.zeros(2, 3, dtype=torch.float64))
+    assert float(out.ref_answer_advantages[0]) == 0.0
+    assert float(out.ref_answer_advantages[1]) == pytest.approx(1.5 if eps == 0 else 1.5 / (1 + 2e-6), abs=1e-12)
+    assert float(out.losses.detach()[0]) == 0.0
+    assert float(out.losses.detach()[1]) == pytest.approx(1.5, abs=1e-5)
+    grads = torch.autograd.grad(out.losses.sum(), (j_exp, j_imit))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert float(grads[1][0]) == 0.0 and float(grads[0][0].abs().sum()) == 0.0
+    assert float(out.metrics()["groups/zero_std"]) == 1.0
+
+
+def test_grao_bad_arguments():
+    j_exp, j_imit, rewards, answer_reward = grao_inputs()
+    with pytest.raises(ValueError, match="G >= 2"):
+        grao_loss(j_exp[:, :1], j_imit, rewards[:, :1], answer_reward)
+    with pytest.raises(ValueError, match=r"\[B, G\]"):
+        grao_loss(j_exp[0], j_imit, rewards, answer_reward)
+    with pytest.raises(ValueError, match="shape mismatch: rewards"):
+        grao_loss(j_exp, j_imit, rewards[:, :2], answer_reward)
+    with pytest.raises(ValueError, match="queries"):
+        grao_loss(j_exp, torch.zeros(2), rewards, torch.zeros(2))
+    with pytest.raises(ValueError, match="beta"):
+        grao_loss(j_exp, j_imit, rewards, answer_reward, beta=-1.0)
+    with pytest.raises(ValueError, match="lam"):
+        grao_loss(j_exp, j_imit, rewards, answer_reward, lam=float("nan"))
+
+
+def test_online_losses_do_not_sync(monkeypatch):
+    """Soft-label IPO and GRAO read no tensor value on the host either."""
+    x = _random_batch(0, n=8)
+    j_exp, j_imit, rewards, answer_reward = grao_inputs()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host inside the loss")
+
+    for attr in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, attr, forbidden)
+    preference_loss(*x, loss_type="ipo", beta=0.1, preference_probs=torch.full((8,), 0.7))
+    grao_loss(j_exp, j_imit, rewards, answer_reward).metrics()

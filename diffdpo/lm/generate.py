@@ -82,7 +82,7 @@ def mixture_logprobs(policy_logits: Tensor, ref_logits: Tensor, mixture: float) 
     """Normalised log-probs (float32, same shape) of the geometric mixture of two next-token distributions.
 
     ``log_softmax((1 - b) * log_softmax(z_policy) + b * log_softmax(z_ref))`` with ``b = mixture``: the
-    per-token mixture of IPO-MD (Calandriello et al. 2024, arXiv 2403.08635, Sec. 4) and Nash-MD (Munos
+    per-token mixture of IPO-MD (Calandriello et al. 2024, arXiv 2403.08635) and Nash-MD (Munos
     et al. 2023, arXiv 2312.00886), equal to TRL's ``log_softmax(b * z_ref + (1 - b) * z_policy)``.
     """
     if not 0.0 <= mixture <= 1.0:
