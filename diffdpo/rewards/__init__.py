@@ -1,7 +1,8 @@
 """Text-to-image reward models with one batched interface, ``scorer(images, prompts) -> scores`` (a float32
 tensor ``(N,)``, image ``i`` scored against ``prompts[i]``): what :func:`diffdpo.data.relabel.relabel_pairs`
 takes to relabel pairs by AI feedback. Weights load only from local paths or hub ids you pass; open_clip and
-transformers are imported only when a scorer is built. See docs/rewards.md."""
+transformers are imported only when a scorer is built. See docs/rewards.md.
+LM annotators (reward and preference models, judges): :mod:`diffdpo.rewards.lm`; training them: :mod:`.reward_model`."""
 
 from __future__ import annotations
 
