@@ -75,6 +75,24 @@ def _register_demo(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _run_online_t2i(args: argparse.Namespace) -> int:
+    from diffdpo.config import load_config
+    from diffdpo.recipes.online_t2i import OnlineT2IConfig, run_online_t2i
+
+    run_online_t2i(load_config(OnlineT2IConfig, args.config, args.overrides))
+    return 0
+
+
+def _register_online_t2i(sub: argparse._SubParsersAction) -> None:
+    _config_command(
+        sub, "online-t2i", _run_online_t2i,
+        help="online Diffusion-DPO rounds on any diffusers pipeline: sample, score, best/worst pairs, train, repeat",
+        description="Each round samples images per prompt from the current model, scores them with a reward model "
+        "(PickScore, HPSv2, CLIP, aesthetic, or the toy shapes judge), keeps the best and the worst as a Pick-a-Pic "
+        "pair, and trains a fresh adapter on all pairs so far; then evaluates tuned vs base (docs/online_t2i.md).",
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # train
 
@@ -225,6 +243,7 @@ _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_dso,
     _register_eval,
     _register_losses,
+    _register_online_t2i,
     _register_relabel,
     _register_sim,
     _register_train,

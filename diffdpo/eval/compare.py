@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from diffdpo.diffusion.sampling import sample_images
 from diffdpo.eval.winrate import WinRate, save_grid, win_rate
 
 #: Extra ``--scorer`` options that are numbers; all others stay strings.
@@ -153,23 +152,6 @@ def apply_tuning(pipe: Any, *, lora: str | Path | None = None, unet: str | Path 
     return pipe
 
 
-def sample(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance_scale: float,
-           resolution: int | None = None, batch_size: int = 8, desc: str = "sampling") -> np.ndarray:
-    """(N, H, W, 3) uint8 images, image ``i`` from ``prompts[i]`` with initial noise from ``seeds[i]``."""
-    import torch
-    from tqdm.auto import tqdm
-
-    size = {"height": resolution, "width": resolution} if resolution else {}
-    device = pipe.unet.device
-    out = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-        gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds[i : i + batch_size]]
-        images = pipe(list(prompts[i : i + batch_size]), num_inference_steps=steps, guidance_scale=guidance_scale,
-                      generator=gens, output_type="np", **size).images  # (n, H, W, 3) float in [0, 1]
-        out.append(np.clip(np.rint(images * 255), 0, 255).astype(np.uint8))
-    return np.concatenate(out)
-
-
 # --------------------------------------------------------------------------------------------
 # the comparison
 
@@ -210,6 +192,31 @@ class CompareResult:
                          f"{f'{wr.wins}/{wr.ties}/{wr.losses}':<14} {s.base_mean:>9.4f} {s.tuned_mean:>9.4f} "
                          f"{s.mean_change:>+9.4f}")
         return "\n".join(lines)
+
+
+def score_comparisons(
+    base_images: Sequence[Any], tuned_images: Sequence[Any], prompts: Sequence[str],
+    scorers: Sequence[tuple[str, Callable[[], Any]]], *, tie_margin: float = 0.0,
+) -> tuple[list[ScorerResult], dict[str, tuple[list[float], list[float]]]]:
+    """Score paired images (``base_images[i]`` and ``tuned_images[i]``, both drawn for ``prompts[i]`` from one
+    seed) with each scorer, built one at a time by its factory and dropped after use (real scorers are large);
+    returns per-scorer win rates of tuned over base (ties within ``tie_margin``) and the per-image scores.
+    ``diffdpo eval`` and the demo's evaluation both come through here."""
+    import torch
+
+    if not len(base_images) == len(tuned_images) == len(prompts):
+        raise ValueError(f"got {len(base_images)} base images, {len(tuned_images)} tuned images and "
+                         f"{len(prompts)} prompts; they must pair up")
+    results, per_image = [], {}
+    for name, factory in scorers:
+        scorer = factory()
+        base_s = torch.as_tensor(scorer(list(base_images), list(prompts)), dtype=torch.float64).cpu()
+        tuned_s = torch.as_tensor(scorer(list(tuned_images), list(prompts)), dtype=torch.float64).cpu()
+        del scorer
+        per_image[name] = (base_s.tolist(), tuned_s.tolist())
+        results.append(ScorerResult(name, win_rate(tuned_s.tolist(), base_s.tolist(), tie_margin=tie_margin),
+                                    float(base_s.mean()), float(tuned_s.mean())))
+    return results, per_image
 
 
 def compare(
@@ -259,21 +266,17 @@ def compare(
 
     pipe = load_base_pipeline(base, device=device, dtype=dtype)
     kw = dict(steps=steps, guidance_scale=guidance_scale, resolution=resolution, batch_size=batch_size)
-    base_imgs = sample(pipe, caps, seed_list, desc="base", **kw)
+    base_imgs = sample_images(pipe, caps, seed_list, desc="base", **kw)
     apply_tuning(pipe, lora=lora, unet=unet)
-    tuned_imgs = sample(pipe, caps, seed_list, desc="tuned", **kw)
+    tuned_imgs = sample_images(pipe, caps, seed_list, desc="tuned", **kw)
     del pipe
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
 
-    results, per_image = [], {}
-    for name, path, options in specs:
-        scorer = build_scorer(name, path, **{"device": device, "dtype": dtype, **options})  # type: ignore[arg-type]
-        base_s, tuned_s = scorer(list(base_imgs), caps), scorer(list(tuned_imgs), caps)
-        del scorer
-        per_image[name] = (base_s.tolist(), tuned_s.tolist())
-        results.append(ScorerResult(name, win_rate(tuned_s.tolist(), base_s.tolist(), tie_margin=tie_margin),
-                                    float(base_s.mean()), float(tuned_s.mean())))
+    factories = [(name, lambda name=name, path=path, options=options: build_scorer(
+        name, path, **{"device": device, "dtype": dtype, **options}))  # type: ignore[arg-type]
+        for name, path, options in specs]
+    results, per_image = score_comparisons(base_imgs, tuned_imgs, caps, factories, tie_margin=tie_margin)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

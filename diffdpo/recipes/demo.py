@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,25 +76,18 @@ def _eval_set(captions: list[str], n: int, seed_base: int) -> tuple[list[str], l
 
 
 def _evaluate(base_pipe: Any, tuned_pipe: Any, judge: Any, caps: list[str], seeds: list[int], cfg: DemoConfig, desc: str):
-    from diffdpo.eval.winrate import win_rate
+    """Same-seed samples of both models judged through :func:`diffdpo.eval.compare.score_comparisons` (what
+    ``diffdpo eval`` runs), plus the shapes world's per-attribute accuracies."""
+    from diffdpo.eval.compare import score_comparisons
     from diffdpo.toy.shapes_judge import attribute_accuracy
     from diffdpo.toy.t2i import sample_images
 
     kw = dict(steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, progress=True)
     base_imgs = sample_images(base_pipe, caps, seeds, desc=f"{desc}: base", **kw)
     tuned_imgs = sample_images(tuned_pipe, caps, seeds, desc=f"{desc}: tuned", **kw)
-    base_j, tuned_j = judge.judge(base_imgs, caps), judge.judge(tuned_imgs, caps)
-    wr = win_rate([j.score for j in tuned_j], [j.score for j in base_j], tie_margin=cfg.tie_margin)
-    return wr, attribute_accuracy(base_j), attribute_accuracy(tuned_j), base_imgs, tuned_imgs
-
-
-def merge_pairs(parts: list[PairSummary], path: Path) -> PairSummary:
-    """One Pick-a-Pic parquet with the rows of every part (the pairs of all rounds so far)."""
-    import pandas as pd
-
-    pd.concat([pd.read_parquet(p.path) for p in parts], ignore_index=True).to_parquet(path, index=False)
-    rows, ties = sum(p.rows for p in parts), sum(p.ties for p in parts)
-    return PairSummary(rows, ties, rows - ties, str(path), parts[0].train_captions, [])
+    [result], _ = score_comparisons(base_imgs, tuned_imgs, caps, [("judge", lambda: judge)], tie_margin=cfg.tie_margin)
+    acc_base, acc_tuned = attribute_accuracy(judge.judge(base_imgs, caps)), attribute_accuracy(judge.judge(tuned_imgs, caps))
+    return result.win_rate, acc_base, acc_tuned, base_imgs, tuned_imgs
 
 
 def reuse_pairs(path: str, train_caps: list[str], heldout_caps: list[str]) -> PairSummary:
@@ -117,20 +109,20 @@ def reuse_pairs(path: str, train_caps: list[str], heldout_caps: list[str]) -> Pa
 def tuned_pipeline(base: str, lora_dir: str | Path) -> Any:
     """The base pipeline with the LoRA weights in ``lora_dir`` fused into the UNet: the same images as
     the unfused adapter (to rounding: 1e-5 of the pixels differ by one level) without its extra matmuls."""
-    from diffdpo.eval.compare import apply_tuning
+    from diffdpo.recipes.online_t2i import load_tuned
     from diffdpo.toy.t2i import load_pipeline
 
-    return apply_tuning(load_pipeline(base), lora=lora_dir)  # the adapter fused in, as `diffdpo eval --lora`
+    return load_tuned(load_pipeline, base, lora_dir)  # the adapter fused in, as `diffdpo eval --lora`
 
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
     import torch
 
     from diffdpo.eval.winrate import read_metrics_jsonl, save_grid, save_training_curves
-    from diffdpo.toy.pairs import make_pairs, split_captions
+    from diffdpo.recipes.online_t2i import run_rounds
+    from diffdpo.toy.pairs import split_captions
     from diffdpo.toy.shapes_judge import ShapesJudge
-    from diffdpo.toy.t2i import load_pipeline
-    from diffdpo.train import load_train_config, train
+    from diffdpo.toy.t2i import RESOLUTION, load_pipeline
 
     t0 = time.time()
     torch.set_num_threads(cfg.threads)
@@ -140,45 +132,19 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     base_pipe = load_pipeline(cfg.base)
 
     train_caps, heldout_caps = split_captions(cfg.heldout_captions, cfg.seed)
-    sampler, sampled, rounds, train_s, pairs_s = base_pipe, [], [], 0.0, 0.0
-    for r in range(1, cfg.rounds + 1):
-        tag = f"round {r}/{cfg.rounds}: " if cfg.rounds > 1 else ""
-        if r == 1 and cfg.pairs:
-            print(f"[1/4] {tag}reusing the pairs in {cfg.pairs} (no sampling)")
-            new = reuse_pairs(cfg.pairs, train_caps, heldout_caps)
-        else:
-            print(f"[1/4] {tag}sampling and judging pairs from the {'base' if r == 1 else f'round-{r - 1}'} model")
-            t_pairs = time.time()
-            new = make_pairs(
-                sampler, judge, train_caps, cfg.pairs_per_caption,
-                out / ("pairs.parquet" if cfg.rounds == 1 else f"pairs_round{r}.parquet"), seed=cfg.seed + 1000 * (r - 1),
-                steps=cfg.pair_steps, guidance_scale=cfg.guidance_scale, images_per_prompt=cfg.images_per_prompt,
-            )
-            pairs_s += time.time() - t_pairs
-        sampled.append(new)
-        print(f"      {new.rows} pairs, {new.ties} ties (dropped by the reader), {len(heldout_caps)} captions held out")
-        pairs = new if r == 1 else merge_pairs(sampled, out / f"pairs_rounds_1-{r}.parquet")
-
-        print(f"[2/4] {tag}Diffusion-DPO with LoRA on {pairs.rows} pairs (reference = the base, adapters disabled)")
-        train_cfg = load_train_config(
-            cfg.train_config,
-            [f"diffusion.model.pretrained={cfg.base}", f"diffusion.data.source={pairs.path}",
-             f"output_dir={out / ('train' if r == cfg.rounds else f'train_round{r}')}",
-             f"diffusion.data.cache_dir={out / 'cache'}", f"seed={cfg.seed + 1000 * (r - 1)}",
-             "overwrite=true", *cfg.train_overrides],  # the demo's own folder: a rerun replaces it
-        )
-        shutil.rmtree(out / "cache", ignore_errors=True)  # the pairs were just (re-)sampled: encode them afresh
-        t_train = time.time()
-        result = train(train_cfg)
-        train_s += time.time() - t_train
-        rounds.append({"round": r, "new_pairs": new.rows, "new_ties": new.ties, "trained_on": pairs.rows,
-                       "steps": result.steps, "final_dir": str(result.final_dir)})
-        if r < cfg.rounds:
-            sampler = tuned_pipeline(cfg.base, result.final_dir)
+    print(f"      {len(heldout_caps)} of {len(train_caps) + len(heldout_caps)} captions held out of the pairs")
+    rr = run_rounds(
+        base=cfg.base, base_pipe=base_pipe, load_pipeline=load_pipeline, scorer=judge, prompts=train_caps, out=out,
+        rounds=cfg.rounds, pairs_per_prompt=cfg.pairs_per_caption, images_per_prompt=cfg.images_per_prompt,
+        sample_kw=dict(steps=cfg.pair_steps, guidance_scale=cfg.guidance_scale, resolution=RESOLUTION, batch_size=128),
+        train_config=cfg.train_config, train_overrides=cfg.train_overrides, seed=cfg.seed, tie_margin=cfg.tie_margin,
+        first_round_pairs=reuse_pairs(cfg.pairs, train_caps, heldout_caps) if cfg.pairs else None,
+    )
+    pairs, result_dir = rr.pairs, rr.final_dir
 
     print("[3/4] evaluating tuned vs base on held-out seeds (same prompt and seed for both)")
     t_eval = time.time()
-    tuned_pipe = tuned_pipeline(cfg.base, result.final_dir)
+    tuned_pipe = tuned_pipeline(cfg.base, result_dir)
     caps, seeds = _eval_set(train_caps + heldout_caps, cfg.eval_comparisons, 2_000_000_000)
     wr, acc_base, acc_tuned, base_imgs, tuned_imgs = _evaluate(base_pipe, tuned_pipe, judge, caps, seeds, cfg, "all captions")
     wr_held = None
@@ -189,13 +155,13 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     eval_s = time.time() - t_eval
     print("[4/4] writing the report and plots")
     grid = save_grid(out / "grid.png", [base_imgs[:12], tuned_imgs[:12]], ["base", "tuned"], caps[:12])
-    rows = read_metrics_jsonl(Path(train_cfg.output_dir) / "metrics.jsonl")
+    rows = read_metrics_jsonl(Path(rr.train_output_dir) / "metrics.jsonl")
     curves = save_training_curves(out / "training_curves.png", rows, ["loss", "rewards/accuracies", "rewards/margins"])
     report = {
         "pairs": pairs.to_dict() | {"heldout_captions": heldout_caps},
-        "train": {"steps": result.steps, "seconds": round(train_s, 1), "final_dir": str(result.final_dir),
-                  "nonfinite_steps": result.nonfinite_total, "config": train_cfg.output_dir},
-        "rounds": rounds,
+        "train": {"steps": rr.rounds[-1]["steps"], "seconds": round(rr.train_seconds, 1), "final_dir": str(result_dir),
+                  "nonfinite_steps": sum(r["nonfinite_steps"] for r in rr.rounds), "config": rr.train_output_dir},
+        "rounds": rr.rounds,
         "win_rate": wr.to_dict(),
         "accuracy_base": acc_base,
         "accuracy_tuned": acc_tuned,
@@ -204,7 +170,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         "heldout_accuracy_tuned": hacc_tuned if wr_held else None,
         "demo_config": asdict(cfg),
         "seconds": round(time.time() - t0, 1),
-        "seconds_by_phase": {"sampling_and_judging_pairs": round(pairs_s, 1), "training": round(train_s, 1),
+        "seconds_by_phase": {"sampling_and_judging_pairs": round(rr.pairs_seconds, 1), "training": round(rr.train_seconds, 1),
                              "evaluation": round(eval_s, 1)},
     }
     report_path = out / "report.json"

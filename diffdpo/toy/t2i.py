@@ -281,25 +281,12 @@ def sample_images(
     progress: bool = False,
     desc: str = "sampling",
 ) -> np.ndarray:
-    """(N, H, W, 3) uint8 images, one per (caption, seed); image i depends only on its caption and seed."""
-    from tqdm.auto import tqdm
+    """(N, 16, 16, 3) uint8 images, one per (caption, seed): :func:`diffdpo.diffusion.sampling.sample_images`
+    with the toy's resolution and defaults (image i depends only on its caption and seed)."""
+    from diffdpo.diffusion.sampling import sample_images as sample
 
-    if len(captions) != len(seeds):
-        raise ValueError(f"got {len(captions)} captions but {len(seeds)} seeds")
-    out = []
-    starts = range(0, len(captions), batch_size)
-    for i in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
-        caps, sds = list(captions[i : i + batch_size]), list(seeds[i : i + batch_size])
-        # per-image initial noise from its own seed, so results do not depend on batching
-        latents = torch.stack(
-            [torch.randn((4, RESOLUTION // 2, RESOLUTION // 2), generator=torch.Generator().manual_seed(int(s))) for s in sds]
-        )
-        images = pipe(
-            caps, height=RESOLUTION, width=RESOLUTION, num_inference_steps=steps, guidance_scale=guidance_scale,
-            latents=latents, output_type="np",
-        ).images  # (n, H, W, 3) float in [0, 1]
-        out.append(np.clip(np.rint(images * 255), 0, 255).astype(np.uint8))
-    return np.concatenate(out) if out else np.zeros((0, RESOLUTION, RESOLUTION, 3), np.uint8)
+    return sample(pipe, captions, seeds, steps=steps, guidance_scale=guidance_scale, resolution=RESOLUTION,
+                  batch_size=batch_size, progress=progress, desc=desc)
 
 
 def save_pipeline(pipe: Any, path: str | Path) -> Path:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from diffdpo.recipes.demo import REPO_ROOT, DemoConfig, format_summary, run_demo, tuned_pipeline
-from diffdpo.toy.pairs import make_pairs, split_captions
+from diffdpo.recipes.online_t2i import sample_pairs
+from diffdpo.toy.pairs import split_captions
 from diffdpo.toy.shapes import Scene, all_captions, render
 from diffdpo.toy.t2i import load_pipeline
 
@@ -28,25 +29,27 @@ def test_split_captions_is_a_seeded_partition():
         split_captions(60, seed=0)
 
 
-def test_pairs_round_trip_through_the_pickapic_reader(tmp_path, monkeypatch):
-    """Known renders as 'samples': image 0 right, image 1 wrong colour (-> label 1/0); equal ones tie."""
-    import diffdpo.toy.t2i as t2i
+def _caption_scene(cap: str, **kw) -> Scene:
+    return Scene(*[w for w in cap.split() if w not in ("a", "on", "the", "in")], **kw)
+
+
+def test_pairs_round_trip_through_the_pickapic_reader(tmp_path):
+    """Known renders stand in for the generator: image 0 right, image 1 wrong colour (-> label 1/0); equal ones tie."""
     from diffdpo.data import PickAPicPairs
     from diffdpo.toy.shapes_judge import ShapesJudge
 
     captions = ["a red circle on the left", "a blue square on the top"]
 
-    def fake_sample(pipe, caps, seeds, **kw):
+    def render_samples(caps, seeds):
         out = []
         for k, cap in enumerate(caps):
-            scene = Scene(*[w for w in cap.split() if w not in ("a", "on", "the", "in")])
+            scene = _caption_scene(cap)
             if k % 4 == 1:  # pair 0: image 1 has the wrong colour; pair 1 (k = 2, 3): identical -> tie
                 scene = Scene("green", scene.shape, scene.position)
             out.append(render(scene, 16))
         return np.stack(out)
 
-    monkeypatch.setattr(t2i, "sample_images", fake_sample)
-    summary = make_pairs(None, ShapesJudge(), captions, 2, tmp_path / "pairs.parquet")
+    summary = sample_pairs(render_samples, ShapesJudge(), captions, 2, tmp_path / "pairs.parquet", tie_margin=0.1)
     assert (summary.rows, summary.ties, summary.decided) == (4, 2, 2)
     ds = PickAPicPairs(tmp_path / "pairs.parquet", 16)
     # the tied pair holds two identical renders: the reader drops it as identical (are_different False)
@@ -56,10 +59,9 @@ def test_pairs_round_trip_through_the_pickapic_reader(tmp_path, monkeypatch):
     assert winner[8, 4, 0] > 200 and winner[8, 4, 1] < 80  # the red circle (winner) comes first
 
 
-def test_best_of_k_pairs_keep_the_best_and_the_worst(tmp_path, monkeypatch):
+def test_best_of_k_pairs_keep_the_best_and_the_worst(tmp_path):
     """k = 4 known renders per prompt: right but small (fill 0.24), wrong colour and position, right and
     large (fill 1), wrong shape. The pair is (large right, wrong colour + position), labelled 1/0."""
-    import diffdpo.toy.t2i as t2i
     from diffdpo.data import PickAPicPairs
     from diffdpo.toy.shapes_judge import ShapesJudge
 
@@ -67,12 +69,12 @@ def test_best_of_k_pairs_keep_the_best_and_the_worst(tmp_path, monkeypatch):
                 Scene("red", "circle", "left", size=0.56), Scene("red", "square", "left")]
     seen = []
 
-    def fake_sample(pipe, caps, seeds, **kw):
+    def render_samples(caps, seeds):
         seen.append(list(seeds))
         return np.stack([render(variants[k % 4], 16) for k in range(len(caps))])
 
-    monkeypatch.setattr(t2i, "sample_images", fake_sample)
-    summary = make_pairs(None, ShapesJudge(), ["a red circle on the left"], 1, tmp_path / "p.parquet", images_per_prompt=4)
+    summary = sample_pairs(render_samples, ShapesJudge(), ["a red circle on the left"], 1, tmp_path / "p.parquet",
+                           images_per_prompt=4)
     assert (summary.rows, summary.decided) == (1, 1) and len(set(seen[0])) == 4
     item = PickAPicPairs(tmp_path / "p.parquet", 16)[0]
     win, lose = (((item["pixel_values"][i].permute(1, 2, 0).numpy() + 1) * 127.5).round() for i in (0, 1))
@@ -80,7 +82,8 @@ def test_best_of_k_pairs_keep_the_best_and_the_worst(tmp_path, monkeypatch):
     assert np.abs(win - big).max() <= 40 < np.abs(win - small).max()  # the large red circle, through JPEG
     assert lose[8, 12, 2] > 200  # the blue circle on the right
     with pytest.raises(ValueError, match="images_per_prompt"):
-        make_pairs(None, ShapesJudge(), ["a red circle on the left"], 1, tmp_path / "q.parquet", images_per_prompt=1)
+        sample_pairs(render_samples, ShapesJudge(), ["a red circle on the left"], 1, tmp_path / "q.parquet",
+                     images_per_prompt=1)
 
 
 def test_reused_pairs_are_counted_and_must_not_leak_held_out_captions(tmp_path):
