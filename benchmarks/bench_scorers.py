@@ -1,13 +1,17 @@
 """Scorer throughput: one image per forward (the relabelling loop of the Diffusion-DPO paper's code) vs
 batched scoring (``diffdpo.rewards``, ``batch_size=32``), side by side, same images, same scores.
 
-    python -m benchmarks.bench_scorers [--n 64] [--arch tiny|ViT-B-32|ViT-H-14] [--device cpu|cuda]
+    python -m benchmarks.bench_scorers [--n 64] [--arch tiny|real|ViT-B-32|ViT-H-14] [--device cpu|cuda]
+    python -m benchmarks.bench_scorers --arch real --device cuda --dtype float16 --n 256 --json scorers.json  # GPU
+
 
 Every scorer of ``diffdpo.rewards`` is built from weights saved to a temporary folder and loaded through
 the same ``build_scorer`` path a user takes (random weights: no downloads). ``--arch tiny`` (default)
 registers a small open_clip architecture so the run takes seconds on a CPU; a real architecture name
 measures the real network (``ViT-H-14`` is PickScore's and HPSv2's, worth it on a GPU). PickScore uses a
-transformers ``CLIPModel`` of the matching size. Reported per scorer: images/s at batch 1 and batch 32,
+transformers ``CLIPModel`` of the matching size. ``--arch real`` gives each scorer its released architecture
+(:data:`REAL_ARCHS`: CLIP score and the aesthetic head on ViT-L-14, HPSv2 on ViT-H-14, PickScore a CLIP-H
+``CLIPModel``), random weights; the prepared GPU measurement. Reported per scorer: images/s at batch 1 and batch 32,
 the ratio, and the largest score difference between the two (batching must not change scores).
 """
 
@@ -26,6 +30,10 @@ TINY = {"embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": 2, "width": 
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2}}
 
 
+#: The released architecture of each scorer (``--arch real``): docs/rewards.md cites each.
+REAL_ARCHS = {"clip": "ViT-L-14", "hpsv2": "ViT-H-14", "aesthetic": "ViT-L-14", "pickscore": "ViT-H-14"}
+
+
 def _open_clip_weights(root: Path, arch: str) -> tuple[str, Path]:
     import open_clip
     from safetensors.torch import save_file
@@ -34,9 +42,11 @@ def _open_clip_weights(root: Path, arch: str) -> tuple[str, Path]:
         arch = "bench-tiny"
         (root / f"{arch}.json").write_text(json.dumps(TINY))
         open_clip.add_model_config(root)
+    path = root / f"clip-{arch}.safetensors"
+    if path.is_file():
+        return arch, path
     torch.manual_seed(0)
     model = open_clip.create_model(arch)
-    path = root / "clip.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return arch, path
 
@@ -70,7 +80,7 @@ def _pickscore_folder(root: Path, arch: str) -> Path:
     processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": size},
                                                                  crop_size={"height": size, "width": size}),
                               tokenizer=tokenizer)
-    folder = root / "pickscore"
+    folder = root / f"pickscore-{arch}"
     processor.save_pretrained(folder)
     ids = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
     config = CLIPConfig(
@@ -102,8 +112,12 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=64, help="images scored per measurement")
-    parser.add_argument("--arch", default="tiny", help="tiny (registered here), or an open_clip name, e.g. ViT-B-32")
+    parser.add_argument("--arch", default="tiny",
+                        help="tiny (registered here), real (each scorer's released architecture), or an open_clip name")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
+    parser.add_argument("--scorers", default="clip,hpsv2,aesthetic,pickscore", help="comma-separated subset")
+    parser.add_argument("--json", default=None, help="also write the table as JSON to this file")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats; the fastest counts")
     args = parser.parse_args(argv)
@@ -111,24 +125,39 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)) for _ in range(args.n)]
     prompts = [f"a photo of object {i}" for i in range(args.n)]
+    names = [n for n in args.scorers.split(",") if n]
+    unknown = sorted(set(names) - set(REAL_ARCHS))
+    if unknown:
+        parser.error(f"--scorers: unknown {', '.join(unknown)}; use a subset of {', '.join(REAL_ARCHS)}")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        arch, clip_path = _open_clip_weights(root, args.arch)
-        head_path, pick_folder = _aesthetic_head(root, arch), _pickscore_folder(root, args.arch)
-        builds = {
-            "clip": lambda bs: build_scorer("clip", clip_path, arch=arch, device=args.device, batch_size=bs),
-            "hpsv2": lambda bs: build_scorer("hpsv2", clip_path, arch=arch, device=args.device, batch_size=bs),
-            "aesthetic": lambda bs: build_scorer("aesthetic", head_path, clip_path=clip_path, arch=arch,
-                                                 device=args.device, batch_size=bs),
-            "pickscore": lambda bs: build_scorer("pickscore", pick_folder, device=args.device, batch_size=bs),
-        }
-        print(f"{args.n} images 256x256 -> {arch}, device {args.device}, {args.threads} threads, best of {args.repeats}")
-        print(f"{'scorer':<10} {'batch 1 img/s':>14} {'batch 32 img/s':>15} {'ratio':>7} {'max |diff|':>11}")
-        for name, build in builds.items():
-            one, s1 = _time(build(1), images, prompts, args.repeats)
-            many, s32 = _time(build(32), images, prompts, args.repeats)
-            diff = float((s1 - s32).abs().max())
-            print(f"{name:<10} {one:>14.1f} {many:>15.1f} {many / one:>6.2f}x {diff:>11.2e}")
+        kw = {"device": args.device, "dtype": args.dtype}
+
+        def build(name: str, bs: int):
+            arch, clip_path = _open_clip_weights(root, REAL_ARCHS[name] if args.arch == "real" else args.arch)
+            if name == "pickscore":
+                return arch, build_scorer("pickscore", _pickscore_folder(root, args.arch if args.arch != "real"
+                                                                         else REAL_ARCHS[name]), batch_size=bs, **kw)
+            if name == "aesthetic":
+                head = _aesthetic_head(root, arch)
+                return arch, build_scorer("aesthetic", head, clip_path=clip_path, arch=arch, batch_size=bs, **kw)
+            return arch, build_scorer(name, clip_path, arch=arch, batch_size=bs, **kw)  # type: ignore[arg-type]
+
+        print(f"{args.n} images 256x256, --arch {args.arch}, device {args.device}, {args.dtype}, "
+              f"{args.threads} threads, best of {args.repeats}")
+        print(f"{'scorer':<10} {'arch':<11} {'batch 1 img/s':>14} {'batch 32 img/s':>15} {'ratio':>7} {'max |diff|':>11}")
+        for name in names:
+            arch, scorer = build(name, 1)
+            one, s1 = _time(scorer, images, prompts, args.repeats)
+            del scorer
+            many, s32 = _time(build(name, 32)[1], images, prompts, args.repeats)
+            diff = float((s1.float() - s32.float()).abs().max())
+            rows.append({"scorer": name, "arch": arch, "batch1_images_per_s": one, "batch32_images_per_s": many,
+                         "ratio": many / one, "max_abs_diff": diff})
+            print(f"{name:<10} {arch:<11} {one:>14.1f} {many:>15.1f} {many / one:>6.2f}x {diff:>11.2e}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
     return 0
 
 

@@ -217,6 +217,26 @@ def _register_relabel(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_relabel)
 
 
+def _run_reward_model(args: argparse.Namespace) -> int:
+    from diffdpo.rewards.reward_model import main as reward_model_main
+
+    return reward_model_main(args.config, args.overrides)
+
+
+def _register_reward_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reward-model", help="train an LM reward model (Bradley-Terry) or pairwise preference model on preference pairs",
+        description="diffdpo reward-model train --config FILE [key=value ...]: a sequence-classification model (or a "
+        "value head on a causal LM) trained on prompt/chosen/rejected pairs; prints held-out pair accuracy before "
+        "and after, saves with save_pretrained (docs/lm.md).",
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    train = actions.add_parser("train", help="train from a YAML config (configs/reward_model_tiny.yaml) + key=value")
+    _add_config_args(train)
+    train.set_defaults(func=_run_reward_model)
+
+
 # ------------------------------------------------------------------------------------------------
 # sim
 
@@ -245,6 +265,7 @@ _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_losses,
     _register_online_t2i,
     _register_relabel,
+    _register_reward_model,
     _register_sim,
     _register_train,
 ]

@@ -335,3 +335,16 @@ def test_the_shipped_config_loads():
         load_config(RewardModelConfig, None, ["kind=pairwise"])
     with pytest.raises(ValueError, match="kind"):
         load_config(RewardModelConfig, TINY_CONFIG, ["kind=ranking"])
+
+
+def test_the_reward_model_command_trains_and_a_bad_key_exits_2(world, tmp_path, capsys):
+    """``diffdpo reward-model train`` is the same ``main``; a wrong key is a one-line error with exit status 2."""
+    from diffdpo.cli import main as cli_main
+
+    out = tmp_path / "cli"
+    assert cli_main(["reward-model", "train", "--config", TINY_CONFIG, f"model={world.model_dir}",
+                     f"data={world.pairs}", f"output_dir={out}", "max_steps=1"]) == 0
+    assert (out / "metrics.json").is_file() and "accuracy" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["reward-model", "train", "--config", TINY_CONFIG, "no_such_key=1"])
+    assert exc.value.code == 2 and "no_such_key" in capsys.readouterr().err
