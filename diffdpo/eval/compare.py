@@ -29,16 +29,17 @@ _INT_SCORER_OPTIONS = ("batch_size",)
 
 
 def read_prompts(path: str | Path, column: str | None = None, *, max_prompts: int | None = None) -> list[str]:
-    """Unique prompts, in file order: a parquet or CSV file's ``column`` (default ``prompt``, else
-    ``caption``), or any other file as plain text, one prompt per line (blank lines skipped)."""
+    """Unique prompts, in file order: a parquet, CSV or TSV file's ``column`` (default ``prompt``, else
+    ``caption``; PartiPrompts' TSV names it ``Prompt``), or any other file as plain text, one prompt per line
+    (blank lines skipped)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} not found")
     suffix = path.suffix.lower()
-    if suffix in (".parquet", ".csv"):
+    if suffix in (".parquet", ".csv", ".tsv"):
         import pandas as pd
 
-        df = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
+        df = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
         if column is None:
             column = next((c for c in ("prompt", "caption") if c in df.columns), None)
             if column is None:
@@ -50,7 +51,7 @@ def read_prompts(path: str | Path, column: str | None = None, *, max_prompts: in
         prompts = [str(p).strip() for p in df[column].dropna()]
     else:
         if column is not None:
-            raise ValueError(f"--prompt-column {column!r} needs a .parquet or .csv file; {path} is read as "
+            raise ValueError(f"--prompt-column {column!r} needs a .parquet, .csv or .tsv file; {path} is read as "
                              "plain text, one prompt per line")
         prompts = [line.strip() for line in path.read_text().splitlines()]
     prompts = list(dict.fromkeys(p for p in prompts if p))

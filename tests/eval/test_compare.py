@@ -121,6 +121,9 @@ def test_read_prompts_formats(tmp_path):
     pd.DataFrame({"prompt": ["b", "a", "b"], "caption": ["x", "y", "z"]}).to_csv(csv, index=False)
     assert read_prompts(csv) == ["b", "a"]  # "prompt" first, unique, in order
     assert read_prompts(csv, "caption", max_prompts=2) == ["x", "y"]
+    tsv = tmp_path / "PartiPrompts.tsv"  # PartiPrompts' own format: tab-separated, column "Prompt"
+    tsv.write_text("Prompt\tCategory\tChallenge\tNote\nbond, james bond\tPeople\tBasic\t\na red cube\tIllustrations\tColor\t\n")
+    assert read_prompts(tsv, "Prompt") == ["bond, james bond", "a red cube"]
     txt = tmp_path / "p.txt"
     txt.write_text(" one \n\ntwo\n")
     assert read_prompts(txt) == ["one", "two"]
