@@ -11,7 +11,7 @@ from PIL import Image
 
 from diffdpo.cli import main
 from diffdpo.eval.compare import parse_scorer_spec, read_prompts
-from tests.diffusion.conftest import sd15_dir  # noqa: F401  (fixture)
+from tests.diffusion.conftest import sd15_dir, sdxl_dir  # noqa: F401  (fixtures)
 from tests.rewards.conftest import tiny_pickscore  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -148,3 +148,21 @@ def test_eval_runs_on_the_shipped_toy_model(prompts_txt, tiny_pickscore, tmp_pat
                  f"pickscore={tiny_pickscore}", "--out", str(tmp_path), "--steps", "2", "--guidance-scale", "3"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["n"] == len(PROMPTS) and report["scorers"]["pickscore"]["win_rate"]["ties"] == len(PROMPTS)
+
+
+def test_eval_runs_on_a_tiny_sdxl_pipeline(sdxl_dir, prompts_txt, tiny_pickscore, tmp_path):  # noqa: F811
+    """An SDXL folder (two text encoders, size conditioning) samples through the same seeded sampler; its own
+    UNet as the tuned one gives all ties, a perturbed one does not."""
+    from diffusers import UNet2DConditionModel
+
+    assert main(_eval_args(sdxl_dir, sdxl_dir, prompts_txt, tiny_pickscore, tmp_path / "same")) == 0
+    same = json.loads((tmp_path / "same" / "report.json").read_text())["scorers"]["pickscore"]["win_rate"]
+    assert (same["wins"], same["ties"], same["losses"]) == (0, 6, 0)
+    unet = UNet2DConditionModel.from_pretrained(str(sdxl_dir), subfolder="unet")
+    with torch.no_grad():
+        for param in unet.parameters():
+            param.add_(0.2 * param.abs().mean() * torch.randn(param.shape, generator=torch.Generator().manual_seed(3)))
+    unet.save_pretrained(tmp_path / "unet")
+    assert main(_eval_args(sdxl_dir, tmp_path / "unet", prompts_txt, tiny_pickscore, tmp_path / "moved")) == 0
+    moved = json.loads((tmp_path / "moved" / "report.json").read_text())["scorers"]["pickscore"]["win_rate"]
+    assert moved["wins"] + moved["losses"] > 0
