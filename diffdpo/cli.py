@@ -58,34 +58,33 @@ def _register_losses(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _run_demo(args: argparse.Namespace) -> int:
-    from diffdpo.config import load_config
-    from diffdpo.recipes.demo import DemoConfig, run_demo
+def _run_recipe(module: str, config_class: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """A handler that loads ``module.config_class`` from ``--config`` + overrides and calls ``module.function``."""
 
-    run_demo(load_config(DemoConfig, args.config, args.overrides))
-    return 0
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        from diffdpo.config import load_config
+
+        mod = importlib.import_module(module)
+        getattr(mod, function)(load_config(getattr(mod, config_class), args.config, args.overrides))
+        return 0
+
+    return run
 
 
 def _register_demo(sub: argparse._SubParsersAction) -> None:
     _config_command(
-        sub, "demo", _run_demo,
+        sub, "demo", _run_recipe("diffdpo.recipes.demo", "DemoConfig", "run_demo"),
         help="Diffusion-DPO end to end on the embedded shapes world (CPU, no downloads)",
         description="Load the shipped tiny text-to-image base, sample and judge preference pairs (Pick-a-Pic "
         "schema), train Diffusion-DPO with LoRA, and report the win rate against the base with a 95% CI.",
     )
 
 
-def _run_online_t2i(args: argparse.Namespace) -> int:
-    from diffdpo.config import load_config
-    from diffdpo.recipes.online_t2i import OnlineT2IConfig, run_online_t2i
-
-    run_online_t2i(load_config(OnlineT2IConfig, args.config, args.overrides))
-    return 0
-
-
 def _register_online_t2i(sub: argparse._SubParsersAction) -> None:
     _config_command(
-        sub, "online-t2i", _run_online_t2i,
+        sub, "online-t2i", _run_recipe("diffdpo.recipes.online_t2i", "OnlineT2IConfig", "run_online_t2i"),
         help="online Diffusion-DPO rounds on any diffusers pipeline: sample, score, best/worst pairs, train, repeat",
         description="Each round samples images per prompt from the current model, scores them with a reward model "
         "(PickScore, HPSv2, CLIP, aesthetic, or the toy shapes judge), keeps the best and the worst as a Pick-a-Pic "
