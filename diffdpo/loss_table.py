@@ -68,6 +68,11 @@ def _extra_for(loss_type: str, batch_size: int, gen: torch.Generator, dtype: tor
         }
     if loss_type == "dro":
         return {"values": torch.zeros(batch_size, dtype=dtype)}
+    if loss_type == "length_dpo":  # completion lengths in tokens
+        return {
+            "chosen_lengths": torch.randint(1, 64, (batch_size,), generator=gen),
+            "rejected_lengths": torch.randint(1, 64, (batch_size,), generator=gen),
+        }
     return {}
 
 

@@ -48,6 +48,7 @@ PreferenceLossType = Literal[
     "simpo",
     "orpo",
     "modpo",
+    "length_dpo",
 ]
 PointwiseLossType = Literal["kto", "dro", "dso_dro", "sft"]
 FDivergence = Literal["reverse_kl", "forward_kl", "js", "alpha"]
@@ -250,6 +251,8 @@ def preference_loss(
             ``simpo_gamma`` (float, ``simpo``): target reward margin gamma, default 0.5.
             ``margin_rewards_chosen``/``margin_rewards_rejected`` ([B, K]) and ``weights``
             ([K + 1] sequence or tensor, ``modpo``): other objectives' rewards and the weight vector.
+            ``chosen_lengths``/``rejected_lengths`` ([B] completion lengths in tokens, required) and
+            ``length_alpha`` (float, default 0.05) for ``length_dpo``.
 
     Returns:
         :class:`PreferenceLossOutput` with unreduced ``losses`` of shape [B].
@@ -301,6 +304,7 @@ _EXTRA_KEYS["ipo"] = frozenset({"chosen_lengths", "rejected_lengths", "preferenc
 _EXTRA_KEYS["bco_pair"] = frozenset({"bco_delta"})
 _EXTRA_KEYS["simpo"] = frozenset({"simpo_gamma"})
 _EXTRA_KEYS["modpo"] = frozenset({"margin_rewards_chosen", "margin_rewards_rejected", "weights"})
+_EXTRA_KEYS["length_dpo"] = frozenset({"chosen_lengths", "rejected_lengths", "length_alpha"})
 
 
 def _delta_loss(
@@ -371,6 +375,9 @@ def _logratio_loss(
     margin_rewards_chosen: Tensor | None = None,
     margin_rewards_rejected: Tensor | None = None,
     weights: Sequence[float] | Tensor | None = None,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+    length_alpha: float = 0.05,
 ) -> Tensor:
     """Losses that use the chosen and rejected log-ratios separately."""
     r_w = beta * chosen_logratios  # [B]
@@ -393,6 +400,9 @@ def _logratio_loss(
     if loss_type == "apo_down":
         # APO-down, same paper eq. 8: lower both, the rejected one more.
         return torch.sigmoid(r_w) + (1.0 - torch.sigmoid(beta * (chosen_logratios - rejected_logratios)))
+    if loss_type == "length_dpo":
+        return _length_dpo_loss(chosen_logratios, rejected_logratios, beta, chosen_lengths, rejected_lengths,
+                                length_alpha)
     if loss_type == "modpo":
         return _modpo_loss(
             chosen_logratios,
@@ -403,6 +413,38 @@ def _logratio_loss(
             weights,
         )
     raise AssertionError(loss_type)  # pragma: no cover - guarded by _check_choice
+
+
+def _length_dpo_loss(
+    chosen_logratios: Tensor,
+    rejected_logratios: Tensor,
+    beta: float,
+    chosen_lengths: Tensor | None,
+    rejected_lengths: Tensor | None,
+    length_alpha: float,
+) -> Tensor:
+    """Length-regularised DPO: ``-log sigma(beta * h + alpha * (|y_w| - |y_l|))``, h = u_w - u_l.
+
+    R-DPO, Park et al. 2024 ("Disentangling Length from Quality in Direct Preference Optimization",
+    arXiv 2403.19159) eq. 9, in the form and with the setting of CheXalign, Hein et al. 2024 (arXiv
+    2410.07025): lengths in tokens, alpha = 0.05 (beta 0.1). The length term is *added*: a pair whose
+    chosen completion is longer already has a head start in the logit, so the loss pushes h less for it
+    and the policy gains less by lengthening; a pair whose chosen is shorter is pushed harder. ``alpha
+    = 0`` is plain DPO (``sigmoid``). Lengths are data (detached, any numeric dtype); the implicit
+    rewards reported stay ``beta * u``.
+    """
+    if chosen_lengths is None or rejected_lengths is None:
+        raise ValueError(
+            "loss_type='length_dpo' needs chosen_lengths and rejected_lengths ([B] completion lengths in tokens); "
+            "a task supplies them with summed log-probs (the LM task does unless average_log_prob is set)"
+        )
+    if isinstance(length_alpha, Tensor) or not math.isfinite(length_alpha) or length_alpha < 0:
+        raise ValueError(f"length_alpha must be a finite Python float >= 0, got length_alpha={length_alpha!r}")
+    _check_same_shape(chosen_logratios=chosen_logratios, chosen_lengths=chosen_lengths,
+                      rejected_lengths=rejected_lengths)
+    length_gap = (chosen_lengths - rejected_lengths).to(chosen_logratios.dtype).detach()  # [B], tokens
+    logits = beta * (chosen_logratios - rejected_logratios) + length_alpha * length_gap  # [B]
+    return -F.logsigmoid(logits)
 
 
 def _modpo_loss(

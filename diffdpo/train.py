@@ -80,6 +80,7 @@ class LossConfig:
     f_alpha: float = field(default=0.5, metadata=help_meta("alpha of the alpha-divergence"))
     ipo_length_normalize: bool = field(default=True, metadata=help_meta("IPO: divide summed log-ratios by completion length (TRL)"))
     simpo_gamma: float = field(default=0.5, metadata=help_meta("SimPO target reward margin"))
+    length_alpha: float = field(default=0.05, metadata=help_meta("length_dpo: alpha of the token-length gap (CheXalign 0.05)"))
     kto_desirable_weight: float = field(default=1.0, metadata=help_meta("KTO lambda_D"))
     kto_undesirable_weight: float = field(default=1.0, metadata=help_meta("KTO lambda_U"))
     dro_anchored: bool = field(default=False, metadata=help_meta("dso_dro: the bounded reference-anchored variant"))
@@ -119,6 +120,8 @@ class LossConfig:
                                "f_divergence": self.f_divergence, "f_alpha": self.f_alpha}
         if self.type == "simpo":
             out["simpo_gamma"] = self.simpo_gamma
+        if self.type == "length_dpo":
+            out["length_alpha"] = self.length_alpha
         return out
 
 

@@ -55,6 +55,15 @@ def modpo_extra(b: int, dtype=torch.float64) -> dict:
     }
 
 
+def extra_for(loss_type: str, b: int, dtype=torch.float64) -> dict:
+    """The data inputs a loss type cannot do without (MODPO's margin rewards, length_dpo's lengths)."""
+    if loss_type == "modpo":
+        return modpo_extra(b, dtype)
+    if loss_type == "length_dpo":
+        return {"chosen_lengths": torch.arange(b) % 7 + 3, "rejected_lengths": torch.arange(b) % 5 + 1}
+    return {}
+
+
 # --------------------------------------------------------------------------------------------
 # hand-worked numbers, one per loss type
 
@@ -214,6 +223,19 @@ class TestHandWorked:
             torch.tensor([-1.0, -2.0]), None, torch.tensor([True, False]), loss_type="sft", beta=1.0
         )
         assert out.losses.tolist() == [1.0, 0.0]
+
+    def test_length_dpo(self):
+        """beta = 0.5, h = 1, |y_w| = 10, |y_l| = 4 tokens, alpha = 0.05 (CheXalign):
+        logit = 0.5 * 1 + 0.05 * (10 - 4) = 0.8; -log sigma(0.8) = log(1 + e^-0.8) = log(1.449329) = 0.371101.
+        Swapping the lengths: logit = 0.5 - 0.3 = 0.2; log(1 + e^-0.2) = log(1.818731) = 0.598139."""
+        lengths = {"chosen_lengths": torch.tensor([10]), "rejected_lengths": torch.tensor([4])}
+        assert loss_of("length_dpo", 0.5, **lengths) == pytest.approx(math.log1p(math.exp(-0.8)), abs=1e-12)
+        assert loss_of("length_dpo", 0.5, **lengths) == pytest.approx(0.3711006659, abs=1e-9)
+        swapped = {"chosen_lengths": torch.tensor([4]), "rejected_lengths": torch.tensor([10])}
+        assert loss_of("length_dpo", 0.5, **swapped) == pytest.approx(0.5981388693, abs=1e-9)
+        # alpha = 0.1: logit = 0.5 + 0.6 = 1.1; log(1 + e^-1.1) = 0.287335
+        got = loss_of("length_dpo", 0.5, length_alpha=0.1, **lengths)
+        assert got == pytest.approx(math.log1p(math.exp(-1.1)), abs=1e-12)
 
     def test_every_type_has_a_hand_worked_test(self):
         names = " ".join(n for n in dir(self) if n.startswith("test_"))
@@ -441,7 +463,7 @@ def test_extreme_inputs_finite(kind, loss_type, f_divergence, dtype):
                     torch.zeros(n, dtype=dtype),
                     torch.zeros(n, dtype=dtype),
                 ]
-            extra = modpo_extra(n, dtype) if loss_type == "modpo" else {}
+            extra = extra_for(loss_type, n, dtype)
             out = preference_loss(
                 *ins,
                 loss_type=loss_type,
@@ -486,7 +508,7 @@ NON_NEGATIVE = [
 )
 def test_swap_flips_margins(rows, beta, loss_type):
     x = torch.tensor(rows, dtype=torch.float64).T
-    extra = modpo_extra(x.shape[1]) if loss_type == "modpo" else {}
+    extra = extra_for(loss_type, x.shape[1])
     a = preference_loss(x[0], x[1], x[2], x[3], loss_type=loss_type, beta=beta, **extra)
     b = preference_loss(x[1], x[0], x[3], x[2], loss_type=loss_type, beta=beta, **extra)
     assert torch.allclose(a.margins, -b.margins)
@@ -508,7 +530,7 @@ def test_non_negative_and_finite_gradients(rows, beta, loss_type, f):
         f = "reverse_kl"
     leaves = [x[0].clone().requires_grad_(), x[1].clone().requires_grad_()]
     refs = (None, None) if loss_type in REFERENCE_FREE_LOSS_TYPES else (x[2], x[3])
-    extra = modpo_extra(x.shape[1]) if loss_type == "modpo" else {}
+    extra = extra_for(loss_type, x.shape[1])
     out = preference_loss(*leaves, *refs, loss_type=loss_type, beta=beta, f_divergence=f, **extra)
     assert (out.losses >= -1e-12).all()
     grads = torch.autograd.grad(out.losses.sum(), leaves)
@@ -582,7 +604,7 @@ def test_no_host_sync(monkeypatch):
         monkeypatch.setattr(torch.Tensor, attr, forbidden)
     for t in PREFERENCE_LOSS_TYPES:
         refs = (None, None) if t in REFERENCE_FREE_LOSS_TYPES else (x[2], x[3])
-        extra = modpo_extra(8) if t == "modpo" else {}
+        extra = extra_for(t, 8)
         preference_loss(x[0], x[1], *refs, loss_type=t, beta=0.1, **extra)
     pointwise_loss(x[0], x[1], labels, loss_type="kto", beta=0.1)
     pointwise_loss(x[0], x[1], labels, loss_type="dso_dro", beta=0.1, anchored=True)
@@ -724,3 +746,54 @@ def test_online_losses_do_not_sync(monkeypatch):
         monkeypatch.setattr(torch.Tensor, attr, forbidden)
     preference_loss(*x, loss_type="ipo", beta=0.1, preference_probs=torch.full((8,), 0.7))
     grao_loss(j_exp, j_imit, rewards, answer_reward).metrics()
+
+
+# --------------------------------------------------------------------------------------------
+# length-regularised DPO (R-DPO, Park et al. 2024; CheXalign, Hein et al. 2024)
+
+
+def test_length_dpo_with_alpha_zero_is_sigmoid():
+    """alpha = 0 removes the length term: the loss, its gradients and the rewards are DPO's."""
+    x = _random_batch(5, n=16)
+    extra = extra_for("length_dpo", 16)
+    ours = preference_loss(*x, loss_type="length_dpo", beta=0.3, length_alpha=0.0, **extra)
+    dpo = preference_loss(*x, loss_type="sigmoid", beta=0.3)
+    torch.testing.assert_close(ours.losses, dpo.losses, rtol=0, atol=0)
+    torch.testing.assert_close(ours.margins, dpo.margins, rtol=0, atol=0)
+    for g_ours, g_dpo in zip(_grads(ours.losses.sum(), x), _grads(dpo.losses.sum(), x)):
+        torch.testing.assert_close(g_ours, g_dpo, rtol=0, atol=0)
+
+
+def test_length_dpo_equal_lengths_is_sigmoid_and_longer_chosen_lowers_the_loss():
+    """Equal lengths cancel; a longer chosen raises the logit (lower loss, smaller push on h)."""
+    x = _random_batch(6, n=8)
+    same = torch.full((8,), 5)
+    dpo = preference_loss(*x, loss_type="sigmoid", beta=0.2).losses
+    eq = preference_loss(*x, loss_type="length_dpo", beta=0.2, chosen_lengths=same, rejected_lengths=same).losses
+    torch.testing.assert_close(eq, dpo, rtol=0, atol=1e-15)
+    longer = preference_loss(*x, loss_type="length_dpo", beta=0.2, chosen_lengths=same + 4,
+                             rejected_lengths=same).losses
+    assert (longer < dpo).all()
+
+
+def test_length_dpo_needs_lengths():
+    with pytest.raises(ValueError, match="length_dpo' needs chosen_lengths and rejected_lengths"):
+        preference_loss(*pair(), loss_type="length_dpo")
+    with pytest.raises(ValueError, match="length_dpo' needs chosen_lengths and rejected_lengths"):
+        preference_loss(*pair(), loss_type="length_dpo", chosen_lengths=torch.tensor([3]))
+    with pytest.raises(ValueError, match="length_alpha"):
+        preference_loss(*pair(), loss_type="length_dpo", length_alpha=-1.0,
+                        chosen_lengths=torch.tensor([3]), rejected_lengths=torch.tensor([2]))
+    with pytest.raises(ValueError, match="shape mismatch: chosen_lengths"):
+        preference_loss(*pair(), loss_type="length_dpo", chosen_lengths=torch.tensor([3, 4]),
+                        rejected_lengths=torch.tensor([2, 1]))
+    with pytest.raises(ValueError, match="length_alpha"):  # not an argument of other types
+        preference_loss(*pair(), loss_type="sigmoid", length_alpha=0.1)
+
+
+def test_length_dpo_loss_config_passes_alpha():
+    from diffdpo.train import LossConfig
+
+    kw = LossConfig(type="length_dpo", beta=0.1).loss_kwargs()
+    assert kw["loss_type"] == "length_dpo" and kw["length_alpha"] == 0.05
+    assert "length_alpha" not in LossConfig(type="sigmoid", beta=0.1).loss_kwargs()
