@@ -142,6 +142,7 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata=help_meta("trade compute for activation memory"))
     dataloader_workers: int = field(default=0, metadata=help_meta("DataLoader worker processes"))
     log_every: int = field(default=1, metadata=help_meta("log metrics every N steps"))
+    eval_every: int = field(default=0, metadata=help_meta("log the task's evaluate() metrics every N steps (if it has one); 0 = never"))
     tensorboard: bool = field(default=True, metadata=help_meta("also log to TensorBoard in output_dir/tensorboard"))
     progress_bar: bool = field(default=True, metadata=help_meta("tqdm progress bar on the main process"))
     checkpoint_every: int = field(default=500, metadata=help_meta("save a resumable checkpoint every N steps; 0 = never"))
@@ -161,8 +162,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("max_steps, per_device_batch_size and gradient_accumulation_steps must be >= 1")
-        if self.max_consecutive_nonfinite < 1 or self.log_every < 1:
-            raise ValueError("max_consecutive_nonfinite and log_every must be >= 1")
+        if self.max_consecutive_nonfinite < 1 or self.log_every < 1 or self.eval_every < 0:
+            raise ValueError("max_consecutive_nonfinite and log_every must be >= 1, eval_every >= 0")
 
 
 _CONFIG_CLASSES: dict[tuple[str, type], type] = {}
@@ -407,8 +408,10 @@ def _micro_step(tr: Trainer, keys: torch.Tensor, batch: Any, sync: bool, sums: d
         tr.accelerator.backward(loss)  # even if non-finite, so DDP ranks stay in step; grads dropped below
     n = torch.tensor(float(out.size), device=losses.device)
     sums["count"] = sums.get("count", 0) + n
-    for name, value in {**metrics, **out.metrics}.items():
-        sums[name] = sums.get(name, 0) + value.detach().float() * n
+    for name, value in {**(metrics if out.size else {}), **out.metrics}.items():
+        # "count/..." metrics are totals (summed); the rest are pair-weighted means (none from an empty batch)
+        weight = 1.0 if name.startswith(COUNT_PREFIX) else n
+        sums[name] = sums.get(name, 0) + torch.as_tensor(value).detach().float().to(n.device) * weight
     return bool(torch.isfinite(losses.detach()).all())
 
 
@@ -445,19 +448,30 @@ def train_step(tr: Trainer, batches: Iterator[tuple[torch.Tensor, Any]]) -> dict
     return logs
 
 
+#: Task metrics whose names start with this are per-step totals (summed over micro-batches and processes),
+#: e.g. an online task's annotated pairs or dropped generations; every other metric is a pair-weighted mean.
+COUNT_PREFIX = "count/"
+
+
 def _reduce_metrics(tr: Trainer, sums: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Count-weighted means over micro-batches and processes (one sync per step)."""
+    """Count-weighted means (totals for ``count/...``) over micro-batches and processes (one sync per step)."""
     if not sums:
         return {"pairs": 0.0}
     names = sorted(k for k in sums if k != "count")
     stacked = torch.stack([torch.as_tensor(sums[k]).float() for k in ["count", *names]])
     stacked = tr.accelerator.reduce(stacked.to(tr.accelerator.device), "sum").cpu()
     count = float(stacked[0])
-    return {"pairs": count, **{k: float(v) / max(count, 1.0) for k, v in zip(names, stacked[1:])}}
+    return {"pairs": count, **{k: float(v) / (1.0 if k.startswith(COUNT_PREFIX) else max(count, 1.0))
+                               for k, v in zip(names, stacked[1:])}}
 
 
 # ------------------------------------------------------------------------------------------------
 # logging
+
+
+#: Metrics the progress bar shows when a step has them (the last part of the name is the label).
+_BAR_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "grad_norm", "online/samples_per_s",
+             "count/annotated_pairs", "kl/sampled", "eval/win_rate")
 
 
 class MetricsLogger:
@@ -467,6 +481,7 @@ class MetricsLogger:
         self.main = accelerator.is_main_process
         self.out = Path(cfg.output_dir)
         self.writer = self.bar = None
+        self.shown: dict[str, float] = {}
         if not self.main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -489,8 +504,8 @@ class MetricsLogger:
             for name, value in logs.items():
                 self.writer.add_scalar(name, value, step)
         if self.bar is not None:
-            shown = {k: logs[k] for k in ("loss", "rewards/accuracies", "rewards/margins", "grad_norm") if k in logs}
-            self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+            self.shown.update({k: logs[k] for k in _BAR_KEYS if k in logs})  # an evaluation stays shown until the next
+            self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in self.shown.items()}, refresh=False)
 
     def advance(self) -> None:
         if self.bar is not None:
@@ -754,6 +769,8 @@ def run(tr: Trainer) -> TrainResult:
         while tr.state.step < cfg.max_steps:
             logs = train_step(tr, batches)
             tr.state.step += 1
+            if cfg.eval_every and tr.state.step % cfg.eval_every == 0 and hasattr(tr.task, "evaluate"):
+                logs.update(tr.task.evaluate())  # e.g. a win rate against the reference on held-out prompts
             history.append({"step": tr.state.step, **logs})
             if tr.state.step % cfg.log_every == 0 or tr.state.step == cfg.max_steps:
                 logger.log(tr.state.step, logs)

@@ -113,7 +113,7 @@ def test_cli_training_raises_the_preferred_behaviour(world, tmp_path, capsys):
 def test_shipped_lm_configs_load():
     for path in sorted((REPO / "configs").glob("lm_*.yaml")):
         cfg = load_train_config(path)
-        assert cfg.task in ("lm", "tiny_lm") and cfg.loss.beta is not None, path
+        assert cfg.task in ("lm", "tiny_lm", "lm_online", "tiny_lm_online") and cfg.loss.beta is not None, path
 
 
 def test_resuming_reproduces_the_uninterrupted_losses(world, tmp_path):
