@@ -469,9 +469,10 @@ def _reduce_metrics(tr: Trainer, sums: dict[str, torch.Tensor]) -> dict[str, flo
 # logging
 
 
-#: Metrics the progress bar shows when a step has them (the last part of the name is the label).
-_BAR_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "grad_norm", "online/samples_per_s",
-             "count/annotated_pairs", "kl/sampled", "eval/win_rate")
+#: Metrics the progress bar shows when a step has them, and their labels there.
+_BAR_KEYS = {"loss": "loss", "rewards/accuracies": "accuracies", "rewards/margins": "margins", "grad_norm": "grad_norm",
+             "online/samples_per_s": "samples/s", "count/annotated_pairs": "annotated", "kl/sampled": "kl",
+             "eval/win_rate": "win_rate"}
 
 
 class MetricsLogger:
@@ -505,7 +506,7 @@ class MetricsLogger:
                 self.writer.add_scalar(name, value, step)
         if self.bar is not None:
             self.shown.update({k: logs[k] for k in _BAR_KEYS if k in logs})  # an evaluation stays shown until the next
-            self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in self.shown.items()}, refresh=False)
+            self.bar.set_postfix({_BAR_KEYS[k]: f"{v:.4g}" for k, v in self.shown.items()}, refresh=False)
 
     def advance(self) -> None:
         if self.bar is not None:
