@@ -230,7 +230,10 @@ def apply_loss(out: LogpsOut | PointwiseLogpsOut, cfg: LossConfig) -> tuple[torc
         return res.losses, res.metrics()
     if cfg.pointwise:
         raise ValueError(f"the task gives pairs; loss.type={cfg.type!r} is pointwise")
-    if cfg.type == "ipo" and cfg.ipo_length_normalize and out.chosen_lengths is not None:
+    # IPO length-normalises its log-ratios (TRL's convention, on by default); length_dpo regularises the
+    # length difference (CheXalign). Tasks without lengths (diffusion) get the loss's own error for length_dpo.
+    wants_lengths = (cfg.type == "ipo" and cfg.ipo_length_normalize) or cfg.type == "length_dpo"
+    if wants_lengths and out.chosen_lengths is not None:
         kwargs.update(chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths)
     res = preference_loss(out.policy_chosen, out.policy_rejected, out.ref_chosen, out.ref_rejected,
                           **kwargs, **out.loss_inputs)

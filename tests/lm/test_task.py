@@ -73,6 +73,7 @@ def test_precomputed_reference_is_cached_and_equals_the_live_one(world, tmp_path
     ["loss.type=ipo", "loss.beta=0.5"],
     ["tiny_lm.dense_gamma=4.0", "tiny_lm.average_log_prob=true", "loss.beta=2.0"],
     ["loss.type=simpo", "loss.beta=2.0", "tiny_lm.average_log_prob=true"],
+    ["loss.type=length_dpo", "loss.length_alpha=0.05"],
 ])
 def test_other_objectives_train(world, tmp_path, overrides):
     cfg = _cfg(world, tmp_path, "max_steps=2", "per_device_batch_size=4", *overrides)
