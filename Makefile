@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,mujoco,coacd]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,mujoco,coacd,ray]"
 	touch $(STAMP)
 
 setup: $(STAMP)
