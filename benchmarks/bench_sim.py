@@ -1,6 +1,7 @@
 """Stability-scoring throughput: our pybullet protocol vs DSO's MuJoCo protocol, side by side.
 
     python -m benchmarks.bench_sim [--n 200] [--workers 2] [--decomp-n 24]
+    python -m benchmarks.bench_sim --executors [--n 200] [--workers 2]   # Ray vs the process pool
 
 Meshes: procedural objects with analytic stability (``sim.shapes``: boxes, tables, towers with
 overhang, L-shapes, cones on base and tip), voxelised and re-meshed with marching cubes into
@@ -22,6 +23,10 @@ forkserver is warmed up first), CPU milliseconds per mesh summed over the worker
 other load on shared cores), agreement with the analytic labels, and invalid results. Then the
 throughput ratios to the DSO protocol, label agreement with it, and a physics-only comparison
 (engine time per mesh, prepared meshes, one process).
+
+``--executors`` instead scores the same meshes with the default protocol on the process pool and on
+Ray actors (a local Ray instance with ``--workers`` CPUs, started before the clock starts; its start
+time is printed apart), side by side with the ratio: the cost of Ray's plumbing on one machine.
 """
 
 from __future__ import annotations
@@ -123,6 +128,32 @@ def physics_only(meshes: list[shapes.ShapeSample], config: StabilityConfig) -> f
     return statistics.median(times) * 1e3
 
 
+def executors(meshes: list[shapes.ShapeSample], workers: int) -> None:
+    """meshes/s of the process pool and of Ray actors on the same meshes, same protocol and workers."""
+    import ray
+
+    started = time.perf_counter()
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    ray_start_s = time.perf_counter() - started
+    try:
+        pool = score("process pool (executor='process')", meshes, StabilityConfig(), workers)
+        on_ray = score("Ray actors (executor='ray')", meshes, StabilityConfig(executor="ray"), workers)
+    finally:
+        ray.shutdown()
+    same = sum(a == b for a, b in zip(pool.labels, on_ray.labels)) / len(meshes)
+    print()
+    print(
+        f"{'executor':36s} {'meshes':>6s} {'wall s':>7s} {'meshes/s':>9s} {'CPU ms/mesh':>12s} {'invalid':>8s}"
+    )
+    for r in (pool, on_ray):
+        print(f"{r.name:36s} {r.n:6d} {r.wall_s:7.2f} {r.rate:9.1f} {r.cpu_ms:12.1f} {r.invalid:8d}")
+    print(
+        f"Ray / pool throughput x{on_ray.rate / pool.rate:.2f}; identical labels {100 * same:.1f}%; "
+        f"starting the local Ray instance took {ray_start_s:.1f} s (not in the wall times; workers and "
+        "actors start inside them)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=200, help="meshes for the hull and MuJoCo runs")
@@ -131,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-faces", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--physics-n", type=int, default=20, help="meshes for the physics-only timing")
+    parser.add_argument(
+        "--executors",
+        action="store_true",
+        help="only compare the process pool with Ray (needs the 'ray' extra)",
+    )
     args = parser.parse_args(argv)
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -148,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         "(other jobs on shared cores lower meshes/s, not CPU ms/mesh)"
     )
     sim.score_meshes([(meshes[0].vertices, meshes[0].faces)] * 2, workers=args.workers)  # warm the forkserver
+    if args.executors:
+        executors(meshes, args.workers)
+        return 0
 
     subset = meshes[: args.decomp_n]
     runs = [score("pybullet hull 2 s @ 240 Hz (ours, default)", meshes, StabilityConfig(), args.workers)]

@@ -12,6 +12,9 @@ and the per-mesh timeout (checked between physics steps and preparation stages) 
 results, but a segfault in the engine takes the caller down and a hang inside a C call (VHACD on a
 huge mesh) is not interrupted. Use it for small trusted batches and tests; use ``workers >= 1``
 (the default) for generated meshes.
+
+``StabilityConfig(executor="ray")`` runs the same batch on Ray actors, on this machine or a cluster,
+with the same guarantees (:mod:`sim.ray_pool`).
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ def score_meshes(
             ``trimesh.Trimesh`` / ``trimesh.Scene`` objects, or ``(vertices, faces)`` pairs.
         config: the protocol; ``None`` means ``StabilityConfig()`` defaults.
         workers: worker processes; ``None`` = one per available CPU (at most one per mesh);
-            ``0`` = score in this process (no crash isolation, see the module docstring).
+            ``0`` = score in this process (no crash isolation, see the module docstring). With
+            ``config.executor="ray"``: Ray actors, ``None`` = one per CPU of the Ray cluster
+            (``0`` is refused: it would silently skip Ray).
         progress: show a tqdm progress bar on stderr.
         on_result: called in this process with each new result as soon as it is known
             (completion order), e.g. to save finished rows while the batch runs.
@@ -85,6 +90,11 @@ def score_meshes(
     if any(not 0 <= i < len(items) for i in known_results):
         raise ValueError(f"known_results has positions outside 0..{len(items) - 1}")
     results: list[StabilityResult | None] = [known_results.get(i) for i in range(len(items))]
+    if config.executor == "ray" and workers == 0:
+        raise ValueError(
+            "workers=0 scores in this process and executor='ray' on Ray actors: give workers=None "
+            "(one actor per CPU of the Ray cluster) or a number of actors"
+        )
     n_workers = resolve_workers(workers, len(items) - len(known_results))
     bar = _progress_bar(len(items), progress)
     bar.update(len(known_results))
@@ -107,6 +117,10 @@ def score_meshes(
                 tasks.append(task)
         if not tasks:
             pass
+        elif config.executor == "ray":
+            from sim.ray_pool import run_on_ray
+
+            run_on_ray(tasks, config, workers, deliver)
         elif n_workers == 0:
             run_in_process(tasks, config, deliver)
         else:
@@ -125,6 +139,10 @@ def check_dependencies(config: StabilityConfig) -> None:
         raise ImportError("backend='mujoco' needs MuJoCo: pip install 'diffdpo[mujoco]' (or mujoco)")
     if config.backend == "pybullet" and config.collision == "coacd" and find_spec("coacd") is None:
         raise ImportError("collision='coacd' needs CoACD: pip install 'diffdpo[coacd]' (or coacd)")
+    if config.executor == "ray" and find_spec("ray") is None:
+        from sim.ray_pool import RAY_EXTRA_HINT
+
+        raise ImportError(RAY_EXTRA_HINT)
 
 
 def resolve_workers(workers: int | None, n_tasks: int) -> int:

@@ -3,7 +3,8 @@
 PATH may be mesh files or directories (searched recursively for mesh files); every PATH gives at
 least one row (an empty or unreadable folder gives an invalid one). Arguments of the form
 ``key=value`` that are not existing paths override fields of :class:`sim.StabilityConfig`, after the
-optional ``--config`` YAML; ``--collision``/``--backend`` win over both.
+optional ``--config`` YAML; ``--collision``/``--backend``/``--executor``/``--address`` win over both.
+``--executor ray`` scores on Ray actors (a local Ray instance, or the cluster named by ``--address``).
 
 ``--out`` is checked before any mesh is scored; finished rows are kept in ``OUT.partial.jsonl`` while
 the batch runs, and the same command run again after an interruption resumes from them
@@ -65,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--collision", choices=["hull", "vhacd", "coacd"], default=None, help="collision shape"
     )
     score.add_argument("--backend", choices=["pybullet", "mujoco"], default=None, help="physics engine")
+    score.add_argument(
+        "--executor",
+        choices=["process", "ray"],
+        default=None,
+        help="where meshes are scored: local worker processes (default) or Ray actors",
+    )
+    score.add_argument(
+        "--address", default=None, help="with --executor ray: the Ray cluster to join (e.g. auto)"
+    )
     score.add_argument("--config", "-c", default=None, help="YAML file with StabilityConfig fields")
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -159,9 +169,14 @@ def _score(args: argparse.Namespace) -> int:
     from diffdpo.config import ConfigError, load_config
 
     paths, overrides = split_inputs(args.inputs)
-    for flag in ("collision", "backend"):
+    for flag, key in (
+        ("collision", "collision"),
+        ("backend", "backend"),
+        ("executor", "executor"),
+        ("address", "ray_address"),
+    ):
         if getattr(args, flag) is not None:
-            overrides.append(f"{flag}={getattr(args, flag)}")
+            overrides.append(f"{key}={getattr(args, flag)}")
     if not paths:
         return _fail("no mesh files or folders given (only key=value settings)")
     try:
@@ -197,7 +212,7 @@ def _score(args: argparse.Namespace) -> int:
                 on_result=partial.append,
                 known_results={**partial.resumed, **known},
             )
-        except (ImportError, ValueError) as exc:
+        except (ImportError, ValueError, ConnectionError) as exc:
             return _fail(str(exc))
         except KeyboardInterrupt:
             return _fail(

@@ -23,6 +23,7 @@ Backend = Literal["pybullet", "mujoco"]
 UpAxis = Literal["z", "y"]
 MassFallback = Literal["hull", "voxel"]
 StartMethod = Literal["forkserver", "spawn", "fork"]
+Executor = Literal["process", "ray"]
 MujocoInertia = Literal["legacy", "exact", "convex", "shell"]
 
 # The DSO protocol, used by ``backend="mujoco"`` (Li et al. 2025, arXiv 2503.22677).
@@ -176,6 +177,21 @@ class StabilityConfig:
             "workers cheaply without inheriting the caller's threads; 'spawn' elsewhere"
         },
     )
+    executor: Executor = field(
+        default="process",
+        metadata={
+            "help": "where meshes are scored: 'process' (a pool of worker processes on this machine) "
+            "or 'ray' (Ray actors on a local Ray instance or a cluster; needs the 'ray' extra); "
+            "same results and guarantees"
+        },
+    )
+    ray_address: str | None = field(
+        default=None,
+        metadata={
+            "help": "executor='ray': the cluster to join ('auto', 'HOST:6379', 'ray://HOST:10001'); "
+            "null = the Ray instance this process already joined, else a local one with one CPU per worker"
+        },
+    )
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -200,6 +216,13 @@ class StabilityConfig:
         one_of("mass_fallback", ("hull", "voxel"))
         one_of("start_method", ("forkserver", "spawn", "fork"))
         one_of("mujoco_inertia", ("legacy", "exact", "convex", "shell"))
+        one_of("executor", ("process", "ray"))
+        if self.ray_address is not None and not (
+            isinstance(self.ray_address, str) and self.ray_address.strip()
+        ):
+            raise ValueError(
+                f"StabilityConfig.ray_address must be null or an address such as 'auto', got {self.ray_address!r}"
+            )
         for name in (
             "duration_s",
             "hz",

@@ -195,9 +195,16 @@ class PartialFile:
             raise
 
 
+# where a batch runs changes no result: a batch interrupted on the pool may resume on Ray
+_PLACEMENT_FIELDS = ("executor", "ray_address")
+
+
 def _config_record(config: StabilityConfig) -> dict[str, Any]:
-    """The config as JSON would give it back (tuples become lists)."""
-    return json.loads(json.dumps(asdict(config)))
+    """The config as JSON would give it back (tuples become lists), without the placement fields."""
+    record = json.loads(json.dumps(asdict(config)))
+    for name in _PLACEMENT_FIELDS:
+        record.pop(name, None)
+    return record
 
 
 def _row_line(result: StabilityResult) -> str:
