@@ -135,9 +135,14 @@ def executors(meshes: list[shapes.ShapeSample], workers: int) -> None:
     started = time.perf_counter()
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     ray_start_s = time.perf_counter() - started
+    ray_config = StabilityConfig(executor="ray")
     try:
         pool = score("process pool (executor='process')", meshes, StabilityConfig(), workers)
-        on_ray = score("Ray actors (executor='ray')", meshes, StabilityConfig(executor="ray"), workers)
+        on_ray = score("Ray actors (executor='ray')", meshes, ray_config, workers)
+        # a batch of one mesh per worker: mostly the fixed cost of a call (workers or actors starting)
+        small = meshes[:workers]
+        pool_small = score("pool, one mesh per worker", small, StabilityConfig(), workers)
+        ray_small = score("Ray, one mesh per worker", small, ray_config, workers)
     finally:
         ray.shutdown()
     same = sum(a == b for a, b in zip(pool.labels, on_ray.labels)) / len(meshes)
@@ -151,6 +156,12 @@ def executors(meshes: list[shapes.ShapeSample], workers: int) -> None:
         f"Ray / pool throughput x{on_ray.rate / pool.rate:.2f}; identical labels {100 * same:.1f}%; "
         f"starting the local Ray instance took {ray_start_s:.1f} s (not in the wall times; workers and "
         "actors start inside them)"
+    )
+    print(
+        f"fixed cost of a call (a batch of {len(small)} meshes, one per worker): pool {pool_small.wall_s:.2f} s, "
+        f"Ray {ray_small.wall_s:.2f} s; without it: pool "
+        f"{(pool.n - pool_small.n) / max(pool.wall_s - pool_small.wall_s, 1e-9):.1f} meshes/s, Ray "
+        f"{(on_ray.n - ray_small.n) / max(on_ray.wall_s - ray_small.wall_s, 1e-9):.1f} meshes/s"
     )
 
 

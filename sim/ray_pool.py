@@ -225,7 +225,8 @@ def run_on_ray(
     workers: int | None,
     on_result: Callable[[StabilityResult], None],
 ) -> None:
-    """Score tasks on Ray actors (``workers`` of them; ``None`` = the CPUs of the Ray cluster).
+    """Score tasks on Ray actors: ``workers`` of them, at most one per CPU of the Ray cluster
+    (``None`` = one per CPU).
 
     With ``config.ray_address`` set, connect to that cluster (unless this process already joined
     one); without it, use the Ray instance this process already joined, or start a local one with
@@ -247,9 +248,10 @@ def run_on_ray(
             ray.init(num_cpus=max(1, min(n_cpus, len(tasks))), include_dashboard=False, log_to_driver=False)
         started_here = True
     try:
-        if workers is None:
-            workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        RayPool(ray, min(workers, len(tasks)), config).run(tasks, on_result)
+        # an actor holds one CPU: more actors than CPUs would wait unscheduled and fail their start-up
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        n_actors = cpus if workers is None else min(workers, cpus)
+        RayPool(ray, min(n_actors, len(tasks)), config).run(tasks, on_result)
     finally:
         if started_here:
             ray.shutdown()
