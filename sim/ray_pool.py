@@ -32,7 +32,7 @@ from sim.result import StabilityResult
 
 Task = tuple[int, str, tuple[Any, ...]]
 
-RAY_EXTRA_HINT = "executor='ray' needs Ray: pip install 'diffdpo[ray]' (or 'ray[default]')"
+RAY_EXTRA_HINT = "executor='ray' needs Ray: pip install 'diffdpo[ray]' (or ray)"
 # An actor must be ready within this many seconds of being created (a cluster may have to start a node).
 STARTUP_TIMEOUT_S = 120.0
 # Consecutive start-up failures before the batch gives up (an environment problem, not a mesh).
