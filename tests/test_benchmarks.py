@@ -17,3 +17,22 @@ def test_scorer_benchmark_runs_and_batching_does_not_change_scores(tmp_path, cap
         assert row["max_abs_diff"] < 1e-3  # batch 1 and batch 32 score the same images the same
     assert "pickscore" in capsys.readouterr().out
     assert set(REAL_ARCHS) == {"clip", "hpsv2", "aesthetic", "pickscore"}
+
+
+def test_online_lm_benchmark_runs_both_sides(tmp_path, capsys):
+    from benchmarks.bench_lm_online import main
+    from diffdpo.toy.tiny_lm import build_world
+
+    build_world(tmp_path / "world", n_pairs=16, sft_steps=20)  # a quick world: speed only, not quality
+    out = tmp_path / "online.json"
+    assert main(["--steps", "2", "--warmup", "1", "--batch", "4", "--max-new-tokens", "8",
+                 "--world", str(tmp_path / "world"), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert res["ours"]["pairs_per_cpu_s"] > 0 and res["ours"]["peak_rss_mib"] > 0
+    if "error" in res["trl"]:  # TRL's trainer could not run here: the reason is printed, ours still ran
+        assert "trl did not run:" in printed
+    else:
+        assert res["trl"]["pairs_per_cpu_s"] > 0 and res["trl"]["peak_rss_mib"] > 0
+        assert res["ours"]["pairs"] == res["trl"]["pairs"] == 2 * 4
+        assert res["goal_met"] in (True, False) and "goal" in printed
