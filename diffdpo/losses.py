@@ -51,10 +51,13 @@ PreferenceLossType = Literal[
     "length_dpo",
 ]
 PointwiseLossType = Literal["kto", "dro", "dso_dro", "sft"]
+GroupLossType = Literal["grao"]
 FDivergence = Literal["reverse_kl", "forward_kl", "js", "alpha"]
 
 PREFERENCE_LOSS_TYPES: tuple[str, ...] = get_args(PreferenceLossType)
 POINTWISE_LOSS_TYPES: tuple[str, ...] = get_args(PointwiseLossType)
+#: Losses over G sampled completions per query (and a reference answer): :func:`grao_loss`.
+GROUP_LOSS_TYPES: tuple[str, ...] = get_args(GroupLossType)
 F_DIVERGENCES: tuple[str, ...] = get_args(FDivergence)
 
 #: Loss types whose objective is a function of ``delta`` only; the f-divergence generalisation

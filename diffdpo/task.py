@@ -3,7 +3,8 @@
 Every direct alignment algorithm needs only per-sample log-likelihoods (or proxies) of the policy and
 the reference. A modality supplies them through a :class:`PreferenceTask`: it owns the trainable module
 and the dataset, and its ``compute(model, batch, keys)`` returns a :class:`LogpsOut` (pairs) or a
-:class:`PointwiseLogpsOut` (labelled samples). The loop (:mod:`diffdpo.train`) turns them into a loss
+:class:`PointwiseLogpsOut` (labelled samples) or a :class:`GroupLogpsOut` (G samples per query).
+The loop (:mod:`diffdpo.train`) turns them into a loss
 with :mod:`diffdpo.losses`; it imports no modality.
 
 A modality makes itself known with :func:`register_task`: a name, its config class (the config
@@ -70,6 +71,27 @@ class PointwiseLogpsOut:
         return int(self.policy.shape[0])
 
 
+@dataclass
+class GroupLogpsOut:
+    """G sampled completions per query and a reference answer, for group losses (GRAO).
+
+    Log-probs are length-averaged over completion tokens (GRAO's J_exp, J_imit); rewards come from the
+    task's annotator. No reference-model term: GRAO's reference is the answer, not a model.
+    """
+
+    policy_samples: torch.Tensor  # [B, G] length-averaged policy log-probs of the sampled completions
+    policy_reference: torch.Tensor  # [B] length-averaged policy log-probs of the reference answers
+    rewards: torch.Tensor  # [B, G] rewards of the samples
+    reference_rewards: torch.Tensor  # [B] rewards of the reference answers
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss_inputs: dict[str, Any] = field(default_factory=dict)
+    aux_losses: torch.Tensor | None = None  # optional [B] term added to the per-query losses
+
+    @property
+    def size(self) -> int:
+        return int(self.policy_samples.shape[0])
+
+
 @runtime_checkable
 class PreferenceTask(Protocol):
     """What a modality provides to the loop. ``keys`` are stable per-sample integers (epoch and dataset
@@ -80,7 +102,8 @@ class PreferenceTask(Protocol):
     def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
     def dataset(self) -> Any: ...
     def collate(self, items: list[Any]) -> Any: ...
-    def compute(self, model: torch.nn.Module, batch: Any, keys: torch.Tensor) -> LogpsOut | PointwiseLogpsOut: ...
+    def compute(self, model: torch.nn.Module, batch: Any, keys: torch.Tensor
+                ) -> LogpsOut | PointwiseLogpsOut | GroupLogpsOut: ...
     def state_dict(self) -> dict[str, torch.Tensor]: ...
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
     def export(self, out_dir: Path) -> None: ...

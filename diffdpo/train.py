@@ -33,6 +33,7 @@ import torch
 
 from diffdpo.config import help_meta
 from diffdpo.task import (
+    GroupLogpsOut,
     LogpsOut,
     PointwiseLogpsOut,
     PreferenceTask,
@@ -84,20 +85,23 @@ class LossConfig:
     kto_desirable_weight: float = field(default=1.0, metadata=help_meta("KTO lambda_D"))
     kto_undesirable_weight: float = field(default=1.0, metadata=help_meta("KTO lambda_U"))
     dro_anchored: bool = field(default=False, metadata=help_meta("dso_dro: the bounded reference-anchored variant"))
+    grao_beta: float = field(default=0.5, metadata=help_meta("grao: weight of the imitation term (paper 0.5)"))
+    grao_lambda: float = field(default=0.6, metadata=help_meta("grao: weight of the reference-aware alignment term (paper 0.6)"))
 
     def __post_init__(self) -> None:
-        from diffdpo.losses import POINTWISE_LOSS_TYPES, PREFERENCE_LOSS_TYPES
+        from diffdpo.losses import GROUP_LOSS_TYPES, POINTWISE_LOSS_TYPES, PREFERENCE_LOSS_TYPES
 
-        if self.type not in PREFERENCE_LOSS_TYPES + POINTWISE_LOSS_TYPES:
-            raise ValueError(
-                f"loss.type={self.type!r} is unknown; use one of {', '.join(PREFERENCE_LOSS_TYPES + POINTWISE_LOSS_TYPES)}"
-            )
+        known = PREFERENCE_LOSS_TYPES + POINTWISE_LOSS_TYPES + GROUP_LOSS_TYPES
+        if self.type not in known:
+            raise ValueError(f"loss.type={self.type!r} is unknown; use one of {', '.join(known)}")
         if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
             raise ValueError(f"loss.beta must be a finite number > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if min(self.kto_desirable_weight, self.kto_undesirable_weight) <= 0:
             raise ValueError("loss.kto_desirable_weight and loss.kto_undesirable_weight must be > 0")
+        if not (min(self.grao_beta, self.grao_lambda) >= 0 and math.isfinite(self.grao_beta + self.grao_lambda)):
+            raise ValueError("loss.grao_beta and loss.grao_lambda must be finite and >= 0")
 
     @property
     def pointwise(self) -> bool:
@@ -105,10 +109,19 @@ class LossConfig:
 
         return self.type in POINTWISE_LOSS_TYPES
 
+    @property
+    def group(self) -> bool:
+        """A group loss (G samples per query, :class:`diffdpo.task.GroupLogpsOut`): grao."""
+        from diffdpo.losses import GROUP_LOSS_TYPES
+
+        return self.type in GROUP_LOSS_TYPES
+
     def loss_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``preference_loss`` / ``pointwise_loss`` for this type (beta included)."""
         if self.beta is None:
             raise ValueError("loss.beta is not set and the task has no default beta: set loss.beta")
+        if self.group:  # GRAO's beta weighs imitation, not a KL: its own knob (loss.beta is unused)
+            return {"beta": self.grao_beta, "lam": self.grao_lambda}
         if self.pointwise:
             extra: dict[str, Any] = {}
             if self.type == "kto":
@@ -218,11 +231,19 @@ def build_task(cfg: TrainConfig, accelerator: Any) -> PreferenceTask:
     return spec.factory(section, context)
 
 
-def apply_loss(out: LogpsOut | PointwiseLogpsOut, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def apply_loss(out: LogpsOut | PointwiseLogpsOut | GroupLogpsOut, cfg: LossConfig
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-sample losses [B] and detached batch-mean metrics, from :mod:`diffdpo.losses`."""
-    from diffdpo.losses import pointwise_loss, preference_loss
+    from diffdpo.losses import grao_loss, pointwise_loss, preference_loss
 
     kwargs = cfg.loss_kwargs()
+    if isinstance(out, GroupLogpsOut) or cfg.group:
+        if not (isinstance(out, GroupLogpsOut) and cfg.group):
+            raise ValueError(f"loss.type={cfg.type!r} and the task's output ({type(out).__name__}) do not match: "
+                             "group losses (grao) need G samples per query from a group task")
+        res = grao_loss(out.policy_samples, out.policy_reference, out.rewards, out.reference_rewards,
+                        **kwargs, **out.loss_inputs)
+        return res.losses, res.metrics()
     if isinstance(out, PointwiseLogpsOut):
         if not cfg.pointwise:
             raise ValueError(f"the task gives pointwise log-likelihoods; loss.type={cfg.type!r} needs pairs")

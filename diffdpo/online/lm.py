@@ -69,11 +69,13 @@ from diffdpo.lm.generate import Completions, sample_completions
 from diffdpo.lm.logps import sequence_logps
 from diffdpo.lm.packing import Group, collate_groups
 from diffdpo.lm.task import LMPreferenceTask
-from diffdpo.losses import POINTWISE_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
-from diffdpo.task import LogpsOut, TaskContext, TaskSpec
+from diffdpo.losses import GROUP_LOSS_TYPES, POINTWISE_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
+from diffdpo.task import GroupLogpsOut, LogpsOut, TaskContext, TaskSpec
 
 #: ``preferences(prompts, completions_a, completions_b) -> (N,)`` P(a beats b); may hold NaN or raise.
 Preferences = Callable[[Sequence[str], Sequence[str], Sequence[str]], torch.Tensor]
+#: ``rewards(prompts, completions) -> (N,)`` a reward model's scores; may hold NaN or raise.
+Rewards = Callable[[Sequence[str], Sequence[str]], torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -102,7 +104,7 @@ class OnlineConfig:
 
     mixture: float = field(default=0.0, metadata=help_meta("IPO-MD: sample from the geometric mixture with the reference, b in [0, 1); 0 = the policy"))
     max_new_tokens: int = field(default=64, metadata=help_meta("the most sampled tokens per completion (EOS included)"))
-    temperature: float = field(default=1.0, metadata=help_meta("sampling temperature"))
+    temperature: float | None = field(default=None, metadata=help_meta("sampling temperature; None = 0.7 for grao (the paper), 1.0 otherwise"))
     top_k: int = field(default=0, metadata=help_meta("top-k filter; 0 = off"))
     top_p: float = field(default=1.0, metadata=help_meta("nucleus filter; 1 = off"))
     generation_batch_size: int = field(default=64, metadata=help_meta("(prompt, sample) rows decoded together"))
@@ -112,13 +114,18 @@ class OnlineConfig:
     eval_source: str = field(default="", metadata=help_meta("held-out prompt file for the win rate against the reference; empty = no evaluation"))
     eval_samples_per_prompt: int = field(default=16, metadata=help_meta("policy/reference comparisons per held-out prompt"))
     eval_seed: int = field(default=1234, metadata=help_meta("seed of the evaluation samples (the same every evaluation)"))
+    group_size: int = field(default=8, metadata=help_meta("grao: G completions sampled per prompt (paper 8)"))
+    group_reward: Literal["judge", "raw"] = field(default="judge", metadata=help_meta(
+        "grao: judge = sign(r(o) - r(y)) against the reference answer y (+1/0/-1, the paper's judge); raw = r(o), r(y)"))
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.mixture < 1.0:
             raise ValueError(f"online.mixture must be in [0, 1) (0 = online IPO, 0.125 = the paper's IPO-MD), got {self.mixture}")
         if self.max_new_tokens < 1 or self.generation_batch_size < 1 or self.eval_samples_per_prompt < 1:
             raise ValueError("online.max_new_tokens, generation_batch_size and eval_samples_per_prompt must be >= 1")
-        if not self.temperature > 0:
+        if self.group_size < 2:
+            raise ValueError(f"online.group_size must be >= 2 (GRAO compares the samples of a group), got {self.group_size}")
+        if self.temperature is not None and not self.temperature > 0:
             raise ValueError(f"online.temperature must be > 0 (two greedy samples are duplicates), got {self.temperature}")
 
 
@@ -137,14 +144,17 @@ class OnlineLMConfig(LMConfig):
 class PromptDataset(torch.utils.data.Dataset):
     """Prompt texts (chat prompts rendered with the tokenizer's template); items ``{"prompt", "index"}``."""
 
-    def __init__(self, prompts: list[str], source: str = "<memory>") -> None:
-        self.prompts, self.source = prompts, source
+    def __init__(self, prompts: list[str], source: str = "<memory>", references: list[str] | None = None) -> None:
+        self.prompts, self.source, self.references = prompts, source, references
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"prompt": self.prompts[i], "index": i}
+        item: dict[str, Any] = {"prompt": self.prompts[i], "index": i}
+        if self.references is not None:
+            item["reference"] = self.references[i]
+        return item
 
 
 def load_prompts(source: str, tokenizer: Any, *, split: str = "train", max_rows: int | None = None) -> list[str]:
@@ -166,6 +176,35 @@ def load_prompts(source: str, tokenizer: Any, *, split: str = "train", max_rows:
     if not prompts:
         raise ValueError(f"{name}: no prompt to sample from")
     return prompts
+
+
+def load_references(source: str, *, split: str = "train", max_rows: int | None = None) -> list[str]:
+    """Each row's reference answer (GRAO): its ``reference`` column, else its ``chosen`` (a preference pair's
+    winner); text, or chat messages whose last message's content is taken."""
+    from diffdpo.lm.data import is_conversational, load_rows
+
+    rows, name = load_rows(source, split)
+    rows = rows[:max_rows] if max_rows is not None else rows
+    out = []
+    for n, row in enumerate(rows):
+        value = row.get("reference", row.get("chosen"))
+        if is_conversational(value):
+            value = value[-1].get("content") if value else None
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name}, row {n}: GRAO needs a reference answer, a non-empty 'reference' or 'chosen' "
+                             f"(text or chat messages); the row has columns {', '.join(sorted(row))}")
+        out.append(value)
+    return out
+
+
+def build_reward_model(cfg: AnnotatorConfig, device: Any = "cpu") -> Rewards:
+    """The raw reward model of ``cfg`` (GRAO's ``online.group_reward=raw``): an HF reward model by path."""
+    from diffdpo.rewards.lm import HFRewardModel
+
+    if cfg.kind != "reward_model" or not cfg.path:
+        raise ValueError(f"online.group_reward=raw needs a reward model (annotator.kind=reward_model with a path), "
+                         f"got annotator.kind={cfg.kind!r}; or use online.group_reward=judge")
+    return HFRewardModel(cfg.path, device=device, batch_size=cfg.batch_size, max_length=cfg.max_length)
 
 
 def build_annotator(cfg: AnnotatorConfig, device: Any = "cpu") -> Preferences:
@@ -242,13 +281,16 @@ class OnlineLMTask(LMPreferenceTask):
                  per_device_batch_size: int = 1, gradient_checkpointing: bool = False,
                  annotator: Preferences | None = None, gold: Preferences | None = None,
                  gold_reward: Callable[[Sequence[str], Sequence[str]], torch.Tensor] | None = None,
-                 model: Any = None, tokenizer: Any = None) -> None:
+                 reward: Rewards | None = None, model: Any = None, tokenizer: Any = None) -> None:
         if loss_type in POINTWISE_LOSS_TYPES or loss_type in REFERENCE_FREE_LOSS_TYPES or loss_type == "sft":
             raise ValueError(f"loss.type={loss_type!r}: online training needs a paired loss with a reference "
                              "(sigmoid = online DPO, hinge = online SLiC, ipo = online IPO / IPO-MD)")
         if cfg.reference.kind == "precomputed":
             raise ValueError("lm.reference.kind=precomputed cannot score completions sampled during training; "
                              "use auto, adapters_disabled or frozen_copy")
+        self.group = loss_type in GROUP_LOSS_TYPES  # GRAO: G samples + the reference answer per prompt
+        self.samples_per_prompt = cfg.online.group_size if self.group else 2
+        self.temperature = cfg.online.temperature if cfg.online.temperature is not None else (0.7 if self.group else 1.0)
         labels = cfg.online.labels if cfg.online.labels != "auto" else ("soft" if loss_type == "ipo" else "hard")
         if labels == "soft" and loss_type != "ipo":
             raise ValueError(f"online.labels=soft needs loss.type=ipo (preference_probs), got {loss_type!r}")
@@ -257,6 +299,9 @@ class OnlineLMTask(LMPreferenceTask):
         self.annotator = annotator if annotator is not None else build_annotator(cfg.annotator, accelerator.device)
         self.gold = gold if gold is not None else self.annotator
         self.gold_reward = gold_reward
+        self.reward = reward
+        if self.group and cfg.online.group_reward == "raw" and reward is None:
+            self.reward = build_reward_model(cfg.annotator, accelerator.device)
         super().__init__(cfg, loss_type=loss_type, accelerator=accelerator, seed=seed,
                          per_device_batch_size=per_device_batch_size, gradient_checkpointing=gradient_checkpointing,
                          model=model, tokenizer=tokenizer)
@@ -270,11 +315,15 @@ class OnlineLMTask(LMPreferenceTask):
 
     def _load_data(self, per_device_batch_size: int) -> PromptDataset:
         d = self.cfg.data
-        return PromptDataset(load_prompts(d.source, self.tokenizer, split=d.split, max_rows=d.max_rows), d.source)
+        refs = load_references(d.source, split=d.split, max_rows=d.max_rows) if self.group else None
+        return PromptDataset(load_prompts(d.source, self.tokenizer, split=d.split, max_rows=d.max_rows), d.source, refs)
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"prompts": [it["prompt"] for it in items],
-                "index": torch.tensor([it["index"] for it in items], dtype=torch.long)}
+        out = {"prompts": [it["prompt"] for it in items],
+               "index": torch.tensor([it["index"] for it in items], dtype=torch.long)}
+        if self.group:
+            out["references"] = [it["reference"] for it in items]
+        return out
 
     # ---- sampling and annotation ---------------------------------------------------------------
 
@@ -282,18 +331,18 @@ class OnlineLMTask(LMPreferenceTask):
         return self.ref_policy.model if self.ref_policy is not None else None
 
     def sample(self, prompts: list[str], keys: torch.Tensor) -> Completions:
-        """Two completions per prompt (prompt-major rows), seeded by the run seed and the keys' epoch."""
+        """Two completions per prompt (G for GRAO; prompt-major rows), seeded by the run seed and the keys' epoch."""
         o, n = self.cfg.online, len(self._dataset)
         epochs = (keys // n).tolist()
         parts: list[tuple[list[int], Completions]] = []
         for epoch in sorted(set(epochs)):  # the loop's micro-batches never span epochs; direct callers may
             rows = [i for i, e in enumerate(epochs) if e == epoch]
-            comps = sample_completions(self.policy.model, self.tokenizer, [prompts[i] for i in rows], n=2,
-                                       max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_k=o.top_k,
+            comps = sample_completions(self.policy.model, self.tokenizer, [prompts[i] for i in rows],
+                                       n=self.samples_per_prompt, max_new_tokens=o.max_new_tokens, temperature=self.temperature, top_k=o.top_k,
                                        top_p=o.top_p, seed=epoch_seed(self.seed, epoch),
                                        batch_size=o.generation_batch_size, mixture=o.mixture, ref_model=self._ref_model())
             parts.append((rows, comps))
-        return parts[0][1] if len(parts) == 1 else _merge(parts, prompts)
+        return parts[0][1] if len(parts) == 1 else _merge(parts, prompts, self.samples_per_prompt)
 
     def _annotate_pairs(self, comps: Completions) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """(probs (N,), usable (N,) bool, counts) for the N sampled pairs."""
@@ -323,7 +372,10 @@ class OnlineLMTask(LMPreferenceTask):
     # ---- the PreferenceTask protocol -----------------------------------------------------------
 
     def compute(self, model: torch.nn.Module, batch: dict[str, Any], keys: torch.Tensor) -> LogpsOut:
-        """Sample, annotate, score the sampled ids; (winner, loser) or (y1, y2) + soft labels (module docstring)."""
+        """Sample, annotate, score the sampled ids; (winner, loser) or (y1, y2) + soft labels (module docstring);
+        for GRAO a :class:`GroupLogpsOut` (:meth:`compute_group`)."""
+        if self.group:
+            return self.compute_group(model, batch, keys)  # type: ignore[return-value]
         start = time.perf_counter()
         prompts: list[str] = batch["prompts"]
         comps = self.sample(prompts, keys.cpu())
@@ -352,9 +404,83 @@ class OnlineLMTask(LMPreferenceTask):
         result.metrics = self._metrics(out, tokens, counts, start)
         return result
 
-    def _metrics(self, out: Any, tokens: Any, counts: dict[str, float], start: float) -> dict[str, torch.Tensor]:
-        sums = sequence_logps(out.logps.detach(), tokens)  # summed, whatever the loss averages
-        ref_sums = sequence_logps(out.ref_logps, tokens)
+    # ---- GRAO ------------------------------------------------------------------------------------
+
+    def compute_group(self, model: torch.nn.Module, batch: dict[str, Any], keys: torch.Tensor) -> GroupLogpsOut:
+        """GRAO's inputs: G samples per prompt (no gradient), their rewards and the reference answer's, and the
+        policy's length-averaged log-probs J_exp(o_i) and J_imit(y) in one packed forward (with gradient).
+
+        A group with a NaN reward (or an annotator failure) is left out and counted (``count/dropped_groups``).
+        """
+        start = time.perf_counter()
+        prompts, answers = batch["prompts"], batch["references"]
+        g, n = self.samples_per_prompt, len(prompts)
+        comps = self.sample(prompts, keys.cpu())  # N * G rows, prompt-major
+        rewards, answer_rewards, counts = self._group_rewards(comps, answers)  # (N, G), (N,)
+        groups = [Group(list(comps.prompt_ids[i * g]),
+                        [list(comps.completion_ids[i * g + j]) for j in range(g)]
+                        + [self._answer_ids(prompts[i], comps.prompt_ids[i * g], answers[i])]) for i in range(n)]
+        tokens = collate_groups(groups, self.cfg.layout, self.tokenizer.pad_token_id).to(self.device)
+        ref_hidden, ref_head = self._reference_hidden(tokens)  # the base, for the KL diagnostics only
+        out = model(tokens, ref_hidden, ref_head)  # TokenLogps, (M,) each
+        avg = sequence_logps(out.logps, tokens, average=True)  # ((G + 1) N,), branch-major
+        table = avg.view(g + 1, n).T  # (N, G + 1): samples, then the reference answer
+        usable = torch.isfinite(rewards).all(dim=1) & torch.isfinite(answer_rewards)  # (N,)
+        idx = usable.nonzero().squeeze(-1).to(avg.device)  # (U,)
+        counts["count/dropped_groups"] = float(n - int(usable.sum()))
+        result = GroupLogpsOut(table[idx, :g], table[idx, g], rewards.to(avg.device)[idx],
+                               answer_rewards.to(avg.device)[idx])
+        result.metrics = self._metrics(out, tokens, counts, start, sampled=g * n)
+        result.metrics["rewards/mean"] = torch.nan_to_num(rewards).mean()
+        return result
+
+    def _answer_ids(self, prompt: str, prompt_ids: list[int], answer: str) -> list[int]:
+        """Token ids of the reference answer after ``prompt_ids`` (as the offline LM data tokenises completions:
+        the tokenisation of prompt + answer past the prompt, EOS appended when ``data.add_eos``)."""
+        tok = self.tokenizer
+        full = list(tok(prompt + answer)["input_ids"])
+        ids = full[len(prompt_ids):] if full[: len(prompt_ids)] == list(prompt_ids) else \
+            list(tok(answer, add_special_tokens=False)["input_ids"])  # the tokenisations diverge: the answer alone
+        if self.cfg.data.add_eos and tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
+            ids.append(tok.eos_token_id)
+        return ids
+
+    def _group_rewards(self, comps: Completions, answers: list[str]
+                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """(N, G) sample rewards, (N,) reference-answer rewards (NaN where none came back) and counts.
+
+        ``online.group_reward=judge`` (default): the annotator compares each sample with the reference answer,
+        R(o_i) = sign(2 P(o_i beats y) - 1) in {+1, 0, -1} (for a reward model, sign(r(o_i) - r(y))), and
+        R(y) = 0 (y against itself is a tie). ``raw``: R = the reward model's score of each text.
+        """
+        g, n = self.samples_per_prompt, len(answers)
+        eos = self.tokenizer.eos_token_id
+        rows = comps.prompt_index.tolist()
+        prompts = [comps.prompts[i] for i in rows]
+        if self.cfg.online.group_reward == "judge":
+            ann = annotate(self.annotator, prompts, comps.texts, [answers[i] for i in rows])
+            # torch.sign(NaN) is 0: keep NaN (a missing label) apart from a tie
+            rewards = torch.where(torch.isfinite(ann.probs), torch.sign(2 * ann.probs - 1), ann.probs)
+            answer_rewards = torch.zeros(n)
+        else:  # the reward model on the N G samples and the N answers, through annotate's failure handling
+            assert self.reward is not None
+            reward = self.reward
+            ann = annotate(lambda p, a, _b: reward(p, a), prompts + list(comps.prompts), comps.texts + answers,
+                           comps.texts + answers)
+            rewards, answer_rewards = ann.probs[: n * g], ann.probs[n * g :]
+        fin = comps.finished.tolist()
+        counts = {"count/samples": float(n * g), "count/annotated_pairs": float(torch.isfinite(rewards).sum()),
+                  "count/ties": float((rewards == answer_rewards.repeat_interleave(g)).sum()),
+                  "count/empty": float(sum(not [t for t in c if t != eos] for c in comps.completion_ids)),
+                  "count/no_eos": float(len(fin) - sum(fin)), "count/nan_labels": float(ann.nan),
+                  "count/judge_errors": float(ann.errors)}
+        return rewards.view(n, g), answer_rewards, counts
+
+    def _metrics(self, out: Any, tokens: Any, counts: dict[str, float], start: float, sampled: int | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """Counts, throughput, length and KL on the first ``sampled`` sequences (the samples; all if None)."""
+        sums = sequence_logps(out.logps.detach(), tokens)[:sampled]  # summed, whatever the loss averages
+        ref_sums = sequence_logps(out.ref_logps, tokens)[:sampled]
         now = time.perf_counter()
         # throughput over the whole cycle since the previous micro-batch began (backward, optimizer step
         # included), evaluation time excluded; the first micro-batch counts its own time only
@@ -363,7 +489,7 @@ class OnlineLMTask(LMPreferenceTask):
         self._last_start, self._eval_seconds = start, 0.0
         m = {k: torch.tensor(v) for k, v in counts.items()}
         m["online/samples_per_s"] = torch.tensor(counts["count/samples"] / seconds)
-        m["online/length"] = tokens.completion_lengths.float().mean()
+        m["online/length"] = tokens.completion_lengths[:sampled].float().mean()
         m["kl/sampled"] = (sums - ref_sums).mean()  # k1 estimator on the samples
         if out.token_kl is not None:
             m["kl/token"] = out.token_kl.mean()
@@ -379,7 +505,7 @@ class OnlineLMTask(LMPreferenceTask):
 
         began = time.perf_counter()
         o, k = self.cfg.online, self.cfg.online.eval_samples_per_prompt
-        kwargs = dict(n=k, max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
+        kwargs = dict(n=k, max_new_tokens=o.max_new_tokens, temperature=self.temperature, top_k=o.top_k, top_p=o.top_p,
                       seed=o.eval_seed, batch_size=o.generation_batch_size, ref_model=self._ref_model())
         policy = sample_completions(self.policy.model, self.tokenizer, self.eval_prompts, **kwargs)
         if self._ref_eval is None:  # mixture 1 = the reference, with the same generator per row as the policy
@@ -421,17 +547,17 @@ class OnlineLMTask(LMPreferenceTask):
                   f"(W/T/L {result['eval/wins']:.0f}/{result['eval/ties']:.0f}/{result['eval/losses']:.0f})")
 
 
-def _merge(parts: list[tuple[list[int], Completions]], prompts: list[str]) -> Completions:
-    """Completions of several sampler calls back in the order of ``prompts`` (two rows per prompt)."""
+def _merge(parts: list[tuple[list[int], Completions]], prompts: list[str], n: int = 2) -> Completions:
+    """Completions of several sampler calls back in the order of ``prompts`` (``n`` rows per prompt)."""
     rows: dict[int, tuple[Completions, int]] = {}
     for where, comps in parts:
         for local, i in enumerate(where):
             rows[i] = (comps, local)
-    order = [(rows[i][0], 2 * rows[i][1] + j) for i in range(len(prompts)) for j in range(2)]
+    order = [(rows[i][0], n * rows[i][1] + j) for i in range(len(prompts)) for j in range(n)]
     return Completions(
         prompts=list(prompts),
-        prompt_index=torch.tensor([i for i in range(len(prompts)) for _ in range(2)], dtype=torch.long),
-        sample_index=torch.tensor([j for _ in prompts for j in range(2)], dtype=torch.long),
+        prompt_index=torch.tensor([i for i in range(len(prompts)) for _ in range(n)], dtype=torch.long),
+        sample_index=torch.tensor([j for _ in prompts for j in range(n)], dtype=torch.long),
         prompt_ids=[c.prompt_ids[r] for c, r in order],
         completion_ids=[c.completion_ids[r] for c, r in order],
         texts=[c.texts[r] for c, r in order],

@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from diffdpo.config import help_meta
-from diffdpo.online.lm import AnnotatorConfig, OnlineLMConfig, OnlineLMTask, Preferences, build_annotator
+from diffdpo.losses import GROUP_LOSS_TYPES
+from diffdpo.online.lm import (
+    AnnotatorConfig,
+    OnlineLMConfig,
+    OnlineLMTask,
+    Preferences,
+    Rewards,
+    build_annotator,
+    build_reward_model,
+)
 from diffdpo.task import TaskContext, TaskSpec
 from diffdpo.toy.tiny_lm import EVAL_SUBJECTS, SUBJECTS, TinyWorld, build_world, judge, prompt_for
 
@@ -55,6 +64,19 @@ def tiny_annotator(cfg: TinyAnnotatorConfig, device: Any = "cpu") -> Preferences
     return build_annotator(cfg, device)
 
 
+def tiny_reward_model(cfg: TinyAnnotatorConfig, device: Any = "cpu") -> Rewards:
+    """The annotator's raw rewards (GRAO's ``online.group_reward=raw``): the oracle's score, NoisyJudge's biased
+    score (its flips are a preference-only notion), or an HF reward model."""
+    from diffdpo.rewards.lm import NoisyJudge
+    from diffdpo.toy.tiny_lm_judge import TinyWorldJudge
+
+    if cfg.kind == "exact":
+        return TinyWorldJudge()
+    if cfg.kind == "noisy":
+        return NoisyJudge(TinyWorldJudge(), flip_rate=cfg.flip_rate, length_bias=cfg.length_bias, seed=cfg.seed)
+    return build_reward_model(cfg, device)
+
+
 def write_prompts(root: Path) -> tuple[Path, Path]:
     """``prompts.jsonl`` (SUBJECTS) and ``eval_prompts.jsonl`` (EVAL_SUBJECTS) in the world folder."""
     paths = root / "prompts.jsonl", root / "eval_prompts.jsonl"
@@ -84,15 +106,17 @@ def build_task(cfg: TinyLMOnlineConfig, context: TaskContext) -> TinyLMOnlineTas
     world = TinyWorld(root) if (root / "world.json").is_file() else build_world(root, seed=context.seed)
     prompts, eval_prompts = write_prompts(world.root)
     cfg.model.pretrained = cfg.model.pretrained or str(world.model_dir)
-    cfg.data.source = cfg.data.source or str(prompts)
+    group = context.loss_type in GROUP_LOSS_TYPES  # GRAO: prompts with reference answers (the pairs' chosen)
+    cfg.data.source = cfg.data.source or str(world.pairs if group else prompts)
     cfg.online.eval_source = cfg.online.eval_source or str(eval_prompts)
     gold: ProgramJudge = TinyWorldJudge()
     return TinyLMOnlineTask(cfg, loss_type=context.loss_type, accelerator=context.accelerator, seed=context.seed,
                             per_device_batch_size=context.per_device_batch_size,
                             gradient_checkpointing=context.gradient_checkpointing,
                             annotator=tiny_annotator(cfg.annotator, context.accelerator.device), gold=gold.prefer,
-                            gold_reward=gold)
+                            gold_reward=gold, reward=(tiny_reward_model(cfg.annotator, context.accelerator.device)
+                                                      if group and cfg.online.group_reward == "raw" else None))
 
 
 TASK = TaskSpec("tiny_lm_online", TinyLMOnlineConfig, build_task, default_beta=0.1,
-                description="online DPO / SLiC / IPO and IPO-MD on the embedded tiny review world")
+                description="online DPO / SLiC / IPO, IPO-MD and GRAO on the embedded tiny review world")
