@@ -82,6 +82,16 @@ def _register_demo(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _register_mpo(sub: argparse._SubParsersAction) -> None:
+    _config_command(
+        sub, "mpo", _run_recipe("diffdpo.recipes.mpo", "MPOConfig", "run_mpo"),
+        help="MPO on the tiny LM world: split pairs by reward gap, DPO on easy, online IPO on hard from the DPO model",
+        description="Score preference pairs with a reward model, split them at a quantile of the reward gap, train "
+        "offline DPO on the easy pairs, then online IPO on the hard pairs' prompts with the stage-1 model as initial "
+        "policy and reference (Gou and Nguyen 2024; PPO replaced by online IPO); writes report.json.",
+    )
+
+
 def _register_online_t2i(sub: argparse._SubParsersAction) -> None:
     _config_command(
         sub, "online-t2i", _run_recipe("diffdpo.recipes.online_t2i", "OnlineT2IConfig", "run_online_t2i"),
@@ -262,6 +272,7 @@ _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_dso,
     _register_eval,
     _register_losses,
+    _register_mpo,
     _register_online_t2i,
     _register_relabel,
     _register_reward_model,
