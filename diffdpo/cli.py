@@ -102,6 +102,17 @@ def _register_online_t2i(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _register_study_online(sub: argparse._SubParsersAction) -> None:
+    _config_command(
+        sub, "study-online",
+        _run_recipe("diffdpo.recipes.studies.online", "OnlineStudyConfig", "run_online_study"),
+        help="offline DPO vs online DPO/IPO/IPO-MD/GRAO/MPO on the tiny LM world, same prompt budget, several seeds",
+        description="Train every method for every seed through the shipped tiny-world configs with the same number "
+        "of annotated prompts, evaluate each policy against the base (gold win rate, KL), and write results.csv, "
+        "summary.csv (95% intervals), study.png and summary.md with the goal check of issue 15.",
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # train
 
@@ -277,6 +288,7 @@ _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_relabel,
     _register_reward_model,
     _register_sim,
+    _register_study_online,
     _register_train,
 ]
 
