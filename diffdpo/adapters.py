@@ -141,6 +141,21 @@ def adapters_disabled(module: Any, layers: Sequence[Any] | None = None) -> Itera
             layer.enable_adapters(True)
 
 
+@contextlib.contextmanager
+def eval_mode(*models: Any) -> Iterator[None]:
+    """Dropout off (LoRA dropout included) for sampling or scoring; each model's training flag is restored
+    after. ``None`` entries are skipped."""
+    models = tuple(m for m in models if m is not None)
+    flags = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, flag in zip(models, flags):
+            m.train(flag)
+
+
 @torch.no_grad()
 def fold_adapters(module: Any) -> int:
     """Add every LoRA adapter's update into its base layer's weight and zero the adapter's B matrix.

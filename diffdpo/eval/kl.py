@@ -30,9 +30,8 @@ read by their ``prompt_ids`` and ``completion_ids`` attributes.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -171,19 +170,6 @@ def _right_pad(rows: Sequence[tuple[list[int], list[int]]], pad_id: int, device:
     return ids.to(device), attn.to(device), pos.to(device), mask.to(device)
 
 
-@contextlib.contextmanager
-def _eval_mode(*models: Any) -> Iterator[None]:
-    models = tuple(m for m in models if m is not None)
-    flags = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, flag in zip(models, flags):
-            m.train(flag)
-
-
 def _completion_logits(model: Any, ids: Tensor, attn: Tensor, pos: Tensor) -> Tensor:
     logits = model(input_ids=ids, attention_mask=attn).logits  # (B, L, V)
     index = pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1])  # (B, T, V)
@@ -207,7 +193,7 @@ def lm_kl_estimates(policy: Any, completions: Any, *, ref_model: Any | None = No
     Returns:
         :class:`KLEstimate`; an empty completion (EOS-less and zero tokens) contributes 0 to every estimator.
     """
-    from diffdpo.adapters import adapters_disabled, tuner_layers
+    from diffdpo.adapters import adapters_disabled, eval_mode, tuner_layers
 
     layers = None
     if ref_model is None:
@@ -222,7 +208,7 @@ def lm_kl_estimates(policy: Any, completions: Any, *, ref_model: Any | None = No
         raise ValueError("no completions to estimate the KL on")
     device = _device(policy)
     per: dict[str, list[Tensor]] = {"k1": [], "k3": [], "analytic": []}
-    with _eval_mode(policy, ref_model):
+    with eval_mode(policy, ref_model):
         for start in range(0, len(rows), batch_size):
             ids, attn, pos, mask = _right_pad(rows[start : start + batch_size], pad_token_id, device)
             policy_logits = _completion_logits(policy, ids, attn, pos)  # (B, T, V)

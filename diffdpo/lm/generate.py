@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffdpo.adapters import adapters_disabled, tuner_layers
+from diffdpo.adapters import adapters_disabled, eval_mode, tuner_layers
 
 
 @dataclass
@@ -174,20 +174,6 @@ def _sources(model: Any, mixture: float, ref_model: Any | None) -> tuple[_Cached
             "ref_model=... (full fine-tuning) or a policy with LoRA adapters (its reference is the adapters off)"
         )
     return policy, _CachedLM(model, adapters_off=True)
-
-
-@contextlib.contextmanager
-def _eval_mode(*models: Any) -> Iterator[None]:
-    """Dropout off while sampling (LoRA dropout included); each model's training flag restored after."""
-    models = tuple(m for m in models if m is not None)
-    flags = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, flag in zip(models, flags):
-            m.train(flag)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,7 +324,7 @@ def sample_completions(model: Any, tokenizer: Any, prompts: Sequence[str], *, n:
     order = sorted(range(len(rows)), key=lambda r: len(ids_of_prompt[rows[r][0]]))
     completion_ids: list[list[int]] = [[] for _ in rows]
     finished = [False] * len(rows)
-    with _eval_mode(model, ref_model if reference is not None else None):
+    with eval_mode(model, ref_model if reference is not None else None):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             generators = [torch.Generator().manual_seed(sample_seed(seed, prompts[i], occurrence[i], j))
@@ -369,7 +355,7 @@ def next_token_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], *, m
     policy, reference = _sources(model, mixture, ref_model)
     _, pad_id = _special_ids(tokenizer)
     ids, mask, positions = _left_pad([list(tokenizer(p)["input_ids"]) for p in prompts], pad_id, _device(model))
-    with _eval_mode(model, ref_model if reference is not None else None):
+    with eval_mode(model, ref_model if reference is not None else None):
         logits = policy(ids, mask, positions)
         if reference is None:
             return F.log_softmax(logits, dim=-1)
