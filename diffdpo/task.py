@@ -20,7 +20,7 @@ task by name among
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -141,6 +141,11 @@ class TaskContext:
     loss_type: str = "sigmoid"
     per_device_batch_size: int = 1
     gradient_checkpointing: bool = False
+
+    def kwargs(self) -> dict[str, Any]:
+        """The fields as keyword arguments (shallow: the accelerator is passed, not copied), for task
+        constructors that take them one by one."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass

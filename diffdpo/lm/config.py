@@ -98,9 +98,7 @@ class LMConfig:
 def _build_task(cfg: LMConfig, context: TaskContext) -> Any:
     from diffdpo.lm.task import LMPreferenceTask
 
-    return LMPreferenceTask(cfg, loss_type=context.loss_type, accelerator=context.accelerator, seed=context.seed,
-                            per_device_batch_size=context.per_device_batch_size,
-                            gradient_checkpointing=context.gradient_checkpointing)
+    return LMPreferenceTask(cfg, **context.kwargs())
 
 
 TASK = TaskSpec("lm", LMConfig, _build_task, default_beta=0.1,

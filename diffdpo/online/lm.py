@@ -566,9 +566,7 @@ def _merge(parts: list[tuple[list[int], Completions]], prompts: list[str], n: in
 
 
 def _build_task(cfg: OnlineLMConfig, context: TaskContext) -> OnlineLMTask:
-    return OnlineLMTask(cfg, loss_type=context.loss_type, accelerator=context.accelerator, seed=context.seed,
-                        per_device_batch_size=context.per_device_batch_size,
-                        gradient_checkpointing=context.gradient_checkpointing)
+    return OnlineLMTask(cfg, **context.kwargs())
 
 
 TASK = TaskSpec("lm_online", OnlineLMConfig, _build_task, default_beta=0.1,

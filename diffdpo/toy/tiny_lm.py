@@ -271,9 +271,7 @@ def build_task(cfg: TinyLMConfig, context: TaskContext) -> TinyLMTask:
     pointwise = context.loss_type in POINTWISE_LOSS_TYPES
     cfg.model.pretrained = cfg.model.pretrained or str(world.model_dir)
     cfg.data.source = cfg.data.source or str(world.unpaired if pointwise else world.pairs)
-    return TinyLMTask(cfg, loss_type=context.loss_type, accelerator=context.accelerator, seed=context.seed,
-                      per_device_batch_size=context.per_device_batch_size,
-                      gradient_checkpointing=context.gradient_checkpointing)
+    return TinyLMTask(cfg, **context.kwargs())
 
 
 TASK = TaskSpec("tiny_lm", TinyLMConfig, build_task, default_beta=0.1,

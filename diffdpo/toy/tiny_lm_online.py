@@ -110,9 +110,7 @@ def build_task(cfg: TinyLMOnlineConfig, context: TaskContext) -> TinyLMOnlineTas
     cfg.data.source = cfg.data.source or str(world.pairs if group else prompts)
     cfg.online.eval_source = cfg.online.eval_source or str(eval_prompts)
     gold: ProgramJudge = TinyWorldJudge()
-    return TinyLMOnlineTask(cfg, loss_type=context.loss_type, accelerator=context.accelerator, seed=context.seed,
-                            per_device_batch_size=context.per_device_batch_size,
-                            gradient_checkpointing=context.gradient_checkpointing,
+    return TinyLMOnlineTask(cfg, **context.kwargs(),
                             annotator=tiny_annotator(cfg.annotator, context.accelerator.device), gold=gold.prefer,
                             gold_reward=gold, reward=(tiny_reward_model(cfg.annotator, context.accelerator.device)
                                                       if group and cfg.online.group_reward == "raw" else None))
