@@ -31,3 +31,13 @@ def torus_arrays(n_u: int, n_v: int, major: float = 1.0, minor: float = 0.3) -> 
     c, d = ((i + 1) % n_u) * n_v + (j + 1) % n_v, i * n_v + (j + 1) % n_v
     faces = np.concatenate([np.stack([a, b, c], -1).reshape(-1, 3), np.stack([a, c, d], -1).reshape(-1, 3)])
     return verts, faces
+
+
+def faulty_batch() -> list:
+    """Three good meshes around one of each fault (segfault, hang, abrupt exit, exception): the batch the
+    process-pool and Ray tests score to check isolation; the expected reasons are
+    ``[None, "crash", None, "timeout", "crash", "sim_error", None]``."""
+    from sim.batch import FaultInjection
+
+    return [box(), FaultInjection("segfault"), leaning_tower(), FaultInjection("hang"), FaultInjection("exit"),
+            FaultInjection("raise"), box()]

@@ -8,22 +8,14 @@ import pytest
 
 import sim
 from sim import StabilityConfig
-from sim.batch import FaultInjection, resolve_workers
-from tests.sim.meshes import box, leaning_tower
+from sim.batch import resolve_workers
+from tests.sim.meshes import box, faulty_batch
 
 
 def test_crashes_and_hangs_are_isolated():
     """A real segfault, a hang, an abrupt exit and an exception in workers: each of those inputs
     is reported, the others are scored, and the order is kept."""
-    items = [
-        box(),
-        FaultInjection("segfault"),
-        leaning_tower(),
-        FaultInjection("hang"),
-        FaultInjection("exit"),
-        FaultInjection("raise"),
-        box(),
-    ]
+    items = faulty_batch()
     started = time.perf_counter()
     results = sim.score_meshes(items, StabilityConfig(timeout_s=1.0), workers=2)
     elapsed = time.perf_counter() - started

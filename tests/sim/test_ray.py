@@ -14,7 +14,7 @@ import pytest
 import sim
 from sim import StabilityConfig, StabilityResult
 from sim.batch import FaultInjection
-from tests.sim.meshes import box, leaning_tower
+from tests.sim.meshes import box, faulty_batch, leaning_tower
 
 RAY = StabilityConfig(executor="ray")
 TIMING_FIELDS = ("wall_time_s", "cpu_time_s")
@@ -71,15 +71,7 @@ def test_same_results_as_the_process_pool(ray_instance):
 def test_crash_hang_and_exception_are_isolated(ray_instance):
     """A real segfault, a hang, an abrupt exit and an exception in Ray actors: each of those inputs
     is reported with its reason, the others are scored, the order is kept."""
-    items = [
-        box(),
-        FaultInjection("segfault"),
-        leaning_tower(),
-        FaultInjection("hang"),
-        FaultInjection("exit"),
-        FaultInjection("raise"),
-        box(),
-    ]
+    items = faulty_batch()
     results = sim.score_meshes(items, dataclasses.replace(RAY, timeout_s=1.0), workers=2)
     assert [r.index for r in results] == list(range(len(items)))
     assert [r.reason for r in results] == [None, "crash", None, "timeout", "crash", "sim_error", None]
