@@ -44,15 +44,16 @@ methods are sampled at temperature 1 without filters (GRAO trains at 0.7), so th
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from diffdpo.config import help_meta
+from diffdpo.recipes.studies.common import evaluate_vs_base, read_csv, t_interval, write_csv
+
+read_results = read_csv  # the name the notebook and tests use
 
 #: method name -> (shipped config, extra overrides)
 METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -108,39 +109,6 @@ def _configs_dir(cfg: OnlineStudyConfig) -> Path:
 
 def world_root(cfg: OnlineStudyConfig, seed: int) -> Path:
     return Path(cfg.world) if seed == 0 else Path(f"{cfg.world}_seed{seed}")
-
-
-# ------------------------------------------------------------------------------------------------
-# evaluation
-
-
-def evaluate_vs_base(model: Any, base: Any, tokenizer: Any, *, samples_per_prompt: int, max_new_tokens: int,
-                     seed: int = 1234) -> dict[str, float]:
-    """Gold win rate of ``model`` against ``base`` and KL(model || base) on the world's held-out prompts.
-
-    As :meth:`diffdpo.online.lm.OnlineLMTask.evaluate`: the same generator per (prompt, sample) row for both
-    models, the exact oracle as judge, :func:`diffdpo.eval.winrate.win_rate` (ties are non-wins, Wilson 95%).
-    KL: :func:`diffdpo.eval.kl.lm_kl_estimates` on the policy's samples (temperature 1), analytic estimator.
-    """
-    from diffdpo.eval.kl import lm_kl_estimates
-    from diffdpo.eval.winrate import win_rate
-    from diffdpo.lm.generate import sample_completions
-    from diffdpo.online.lm import annotate
-    from diffdpo.toy.tiny_lm import EVAL_SUBJECTS, prompt_for
-    from diffdpo.toy.tiny_lm_judge import TinyWorldJudge
-
-    prompts = [prompt_for(s) for s in EVAL_SUBJECTS]
-    kwargs = dict(n=samples_per_prompt, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
-    policy = sample_completions(model, tokenizer, prompts, **kwargs)
-    ref = sample_completions(base, tokenizer, prompts, **kwargs)
-    rows = [prompts[i] for i in policy.prompt_index.tolist()]
-    probs = annotate(TinyWorldJudge().prefer, rows, policy.texts, ref.texts).probs
-    p = probs[probs.isfinite()].tolist()
-    wr = win_rate(p, [1.0 - x for x in p])
-    kl = lm_kl_estimates(model, policy, ref_model=base, pad_token_id=tokenizer.pad_token_id or 0)
-    return {"wins": wr.wins, "ties": wr.ties, "losses": wr.losses, "n": wr.n, "win_rate": wr.rate,
-            "win_rate_low": wr.ci_low, "win_rate_high": wr.ci_high, "kl": kl.value("analytic"),
-            "kl_stderr": float(kl.analytic_stderr if kl.analytic_stderr is not None else kl.k3_stderr)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,17 +189,6 @@ def run_one(cfg: OnlineStudyConfig, method: str, seed: int) -> dict[str, Any]:
 # summary
 
 
-def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): mean +- t_{(1+level)/2, n-1} * sd / sqrt(n); NaN bounds with one value."""
-    from scipy.stats import t
-
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, math.nan, math.nan
-    half = float(t.ppf((1 + level) / 2, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
-
-
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per method (first-seen order): the t-intervals over seeds and the pooled Wilson interval."""
     from diffdpo.eval.winrate import wilson_interval
@@ -276,18 +233,6 @@ def check_goal(summary: list[dict[str, Any]]) -> list[tuple[str, bool | None]]:
     for s in summary:
         clauses.append((f"{s['method']}: lower 95% bound of the win rate vs base above 0.5", _lower_bound(s) > 0.5))
     return clauses
-
-
-def read_results(path: str | Path) -> list[dict[str, Any]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({k: r[k] for k in columns} for r in rows)
 
 
 def plot_study(summary: list[dict[str, Any]], path: str | Path | None = None) -> Any:
@@ -345,9 +290,9 @@ def run_online_study(cfg: OnlineStudyConfig) -> list[dict[str, Any]]:
             print(f"study-online {method} seed {seed}: win rate {row['win_rate']:.3f} "
                   f"[{row['win_rate_low']:.3f}, {row['win_rate_high']:.3f}], KL {row['kl']:.3f}")
             rows.append(row)
-            _write_csv(out / "results.csv", rows, RESULT_COLUMNS)  # after every run: a crash keeps the rest
+            write_csv(out / "results.csv", rows, RESULT_COLUMNS)  # after every run: a crash keeps the rest
     summary = summarise(rows)
-    _write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
+    write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
     plot_study(summary, out / "study.png")
     goal = check_goal(summary)
     (out / "summary.md").write_text(_markdown(cfg, summary, goal))
