@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 
 from diffdpo.config import help_meta
+from diffdpo.early_stop import EarlyStopConfig, EarlyStopper
 from diffdpo.task import (
     GroupLogpsOut,
     LogpsOut,
@@ -87,6 +88,8 @@ class LossConfig:
     dro_anchored: bool = field(default=False, metadata=help_meta("dso_dro: the bounded reference-anchored variant"))
     grao_beta: float = field(default=0.5, metadata=help_meta("grao: weight of the imitation term (paper 0.5)"))
     grao_lambda: float = field(default=0.6, metadata=help_meta("grao: weight of the reference-aware alignment term (paper 0.6)"))
+    modpo_weights: list[float] = field(default_factory=list, metadata=help_meta(
+        "modpo: [w_0, w_1, ..., w_K], w_0 the trained objective's weight (> 0), the others the margin objectives'; sum 1"))
 
     def __post_init__(self) -> None:
         from diffdpo.losses import GROUP_LOSS_TYPES, POINTWISE_LOSS_TYPES, PREFERENCE_LOSS_TYPES
@@ -102,6 +105,18 @@ class LossConfig:
             raise ValueError("loss.kto_desirable_weight and loss.kto_undesirable_weight must be > 0")
         if not (min(self.grao_beta, self.grao_lambda) >= 0 and math.isfinite(self.grao_beta + self.grao_lambda)):
             raise ValueError("loss.grao_beta and loss.grao_lambda must be finite and >= 0")
+        if self.type == "modpo":
+            self._check_modpo_weights()
+
+    def _check_modpo_weights(self) -> None:
+        """MODPO's weight vector lies on the simplex with w_0 > 0 (Zhou et al. 2023, arXiv 2310.03708, eq. 8)."""
+        w = [float(x) for x in self.modpo_weights]
+        if len(w) < 2:
+            raise ValueError(f"loss.type=modpo needs loss.modpo_weights=[w_0, w_1, ...] (1 + number of margin "
+                             f"objectives, at least 2 numbers), got {self.modpo_weights}")
+        if not all(math.isfinite(x) and x >= 0 for x in w) or w[0] <= 0 or abs(sum(w) - 1.0) > 1e-6:
+            raise ValueError(f"loss.modpo_weights={self.modpo_weights} must be >= 0 with w_0 > 0 and sum to 1 "
+                             f"(they sum to {sum(w):.6g})")
 
     @property
     def pointwise(self) -> bool:
@@ -135,6 +150,8 @@ class LossConfig:
             out["simpo_gamma"] = self.simpo_gamma
         if self.type == "length_dpo":
             out["length_alpha"] = self.length_alpha
+        if self.type == "modpo":  # the margin rewards themselves are data: the task gives them (loss_inputs)
+            out["weights"] = [float(x) for x in self.modpo_weights]
         return out
 
 
@@ -171,6 +188,7 @@ class TrainConfig:
     )
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)  # off unless early_stop.metric is set
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
@@ -225,6 +243,9 @@ def build_task(cfg: TrainConfig, accelerator: Any) -> PreferenceTask:
     section = getattr(cfg, spec.name, None)
     if section is None:
         raise ValueError(f"the config has no {spec.name!r} section; load it with load_train_config")
+    check_loss = getattr(section, "check_loss", None)  # a section's cross-check of the loss, before any model loads
+    if callable(check_loss):
+        check_loss(cfg.loss)
     context = TaskContext(accelerator=accelerator, seed=cfg.seed, loss_type=cfg.loss.type,
                           per_device_batch_size=cfg.per_device_batch_size,
                           gradient_checkpointing=cfg.gradient_checkpointing)
@@ -275,6 +296,7 @@ class TrainState:
     nonfinite_total: int = 0
     nonfinite_in_a_row: int = 0
     empty_batches: int = 0
+    early_stop: dict[str, Any] = field(default_factory=dict)  # EarlyStopper.state_dict() (resumable)
 
 
 class _Keyed(torch.utils.data.Dataset):
@@ -780,6 +802,22 @@ class TrainResult:
     final_dir: Path | None
     history: list[dict[str, float]]
     nonfinite_total: int
+    stopped_step: int | None = None  # early stop: the step it fired at (None = ran to max_steps)
+    early_stop_best_step: int | None = None  # early stop: the watched metric's best step (or its turn)
+
+
+def _early_stop_fires(tr: Trainer, stopper: EarlyStopper, logs: dict[str, float], eval_step: bool) -> bool:
+    """Feed ``early_stop.metric`` to the stopper at the steps that log it; True = stop now.
+
+    A per-step metric (``overopt/topk_entropy``, ``kl/sequence``) counts every step; an evaluation metric
+    (``eval/...``) at the ``eval_every`` steps. Missing where it should be (an evaluation step, or any step
+    without evaluations) is an error naming the logged metrics.
+    """
+    if tr.cfg.early_stop.metric not in logs and not (eval_step or not tr.cfg.eval_every):
+        return False
+    fired = stopper.update_from(tr.state.step, logs)
+    tr.state.early_stop = stopper.state_dict()
+    return fired
 
 
 def run(tr: Trainer) -> TrainResult:
@@ -790,20 +828,28 @@ def run(tr: Trainer) -> TrainResult:
     logger = MetricsLogger(cfg, acc, tr.state.step)
     batches = micro_batches(tr.task, cfg, acc, tr.state)
     history: list[dict[str, float]] = []
+    stopper = EarlyStopper(cfg.early_stop) if cfg.early_stop.enabled else None
+    if stopper is not None and tr.state.early_stop:
+        stopper.load_state_dict(tr.state.early_stop)  # resumed: the patience and best so far carry on
     try:
-        while tr.state.step < cfg.max_steps:
+        while tr.state.step < cfg.max_steps and not (stopper is not None and stopper.stopped):
             logs = train_step(tr, batches)
             tr.state.step += 1
-            if cfg.eval_every and tr.state.step % cfg.eval_every == 0 and hasattr(tr.task, "evaluate"):
+            eval_step = bool(cfg.eval_every) and tr.state.step % cfg.eval_every == 0
+            if eval_step and hasattr(tr.task, "evaluate"):
                 logs.update(tr.task.evaluate())  # e.g. a win rate against the reference on held-out prompts
             history.append({"step": tr.state.step, **logs})
-            if tr.state.step % cfg.log_every == 0 or tr.state.step == cfg.max_steps:
+            stop = stopper is not None and _early_stop_fires(tr, stopper, logs, eval_step)
+            if tr.state.step % cfg.log_every == 0 or tr.state.step == cfg.max_steps or stop:
                 logger.log(tr.state.step, logs)
             logger.advance()
-            if cfg.checkpoint_every and tr.state.step % cfg.checkpoint_every == 0:
-                save_checkpoint(tr)
+            if cfg.checkpoint_every and (tr.state.step % cfg.checkpoint_every == 0 or stop):
+                save_checkpoint(tr)  # a stopped run keeps its last state as a checkpoint too
     finally:
         logger.close()
+    if stopper is not None and stopper.stopped:
+        acc.print(f"early stop at step {stopper.stopped_step}: {cfg.early_stop.metric} has not improved for "
+                  f"{cfg.early_stop.patience} evaluations (best at step {stopper.best_step})")
     summary = data_summary(tr.task.dataset())
     if summary:
         acc.print(summary)  # rows read, ties dropped, corrupt rows skipped (this process's view)
@@ -822,7 +868,9 @@ def run(tr: Trainer) -> TrainResult:
             shutil.rmtree(final)
         os.replace(tmp, final)
     acc.wait_for_everyone()
-    return TrainResult(tr.state.step, final, history, tr.state.nonfinite_total)
+    return TrainResult(tr.state.step, final, history, tr.state.nonfinite_total,
+                       stopper.stopped_step if stopper is not None else None,
+                       stopper.best_step if stopper is not None else None)
 
 
 def train(cfg: TrainConfig, task: PreferenceTask | None = None) -> TrainResult:

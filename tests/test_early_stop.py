@@ -119,3 +119,81 @@ def test_update_from_logs_and_config_errors():
         EarlyStopConfig(metric="x", patience=0)
     with pytest.raises(ValueError, match="min_delta"):
         EarlyStopConfig(metric="x", min_delta=-0.1)
+
+
+# ------------------------------------------------------------------------------------------------
+# wired into the training loop (`diffdpo train`)
+
+
+def _hump_task():
+    """The tests' one-parameter task (DPO raises w steadily) with a gold score that is hump-shaped in w:
+    ``eval/gold = w * (2 - w)``, largest at w = 1 (the over-optimisation curve in miniature)."""
+    from diffdpo.task import TaskSpec, get_task, register_task
+    from tests.registry_task import ScalarConfig, ScalarTask
+
+    class HumpTask(ScalarTask):
+        def evaluate(self) -> dict[str, float]:
+            w = float(self.module.weight.detach())
+            return {"eval/gold": w * (2.0 - w), "eval/w": w}
+
+    try:
+        return get_task("scalar_hump")
+    except ValueError:
+        return register_task(TaskSpec("scalar_hump", ScalarConfig, lambda cfg, ctx: HumpTask(cfg, ctx),
+                                      default_beta=2.0, description="scalar task with a hump-shaped gold score"))
+
+
+def _hump_config(tmp_path, **extra):
+    import yaml
+
+    _hump_task()
+    data = {"task": "scalar_hump", "output_dir": str(tmp_path / "run"), "max_steps": 40, "per_device_batch_size": 4,
+            "tensorboard": False, "progress_bar": False, "checkpoint_every": 100, "eval_every": 1,
+            "optim": {"lr": 0.1, "weight_decay": 0.0, "lr_scheduler": "constant"}, "scalar_hump": {"pairs": 8},
+            **extra}
+    path = tmp_path / "hump.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_diffdpo_train_stops_on_the_configured_indicator_and_keeps_the_stopped_state(tmp_path):
+    """w grows by about lr = 0.1 per Adam step, so eval/gold = w (2 - w) peaks near step 10; with
+    mode max and patience 3 the run stops 3 evaluations after its best step, long before max_steps = 40,
+    logs that step, exports final weights and writes a checkpoint of the stopped state."""
+    from diffdpo.cli import main
+
+    path = _hump_config(tmp_path, early_stop={"metric": "eval/gold", "mode": "max", "patience": 3})
+    assert main(["train", "--config", str(path)]) == 0
+    out = tmp_path / "run"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    stopped = rows[-1]["step"]
+    gold = {r["step"]: r["eval/gold"] for r in rows}
+    best = max(gold, key=gold.get)
+    assert 8 <= best <= 14 and stopped == best + 3 and stopped < 40
+    assert abs(rows[best - 1]["eval/w"] - 1.0) < 0.1  # the peak of the hump
+    assert all(gold[s] < gold[best] for s in range(best + 1, stopped + 1))
+    assert (out / "final" / "w.json").is_file() and (out / "checkpoints" / f"step-{stopped:07d}").is_dir()
+    state = json.loads((out / "checkpoints" / f"step-{stopped:07d}" / "trainer_state.json").read_text())["state"]
+    assert state["early_stop"]["stopped_step"] == stopped and state["early_stop"]["best_step"] == best
+
+
+def test_train_result_reports_the_stop_and_disabled_early_stop_changes_nothing(tmp_path):
+    from diffdpo.train import load_train_config, train
+
+    cfg = load_train_config(_hump_config(tmp_path), ["early_stop.metric=eval/gold", "early_stop.mode=turn",
+                                                     "early_stop.patience=2", "checkpoint_every=0"])
+    stopped = train(cfg)
+    assert stopped.stopped_step == stopped.early_stop_best_step + 2 == stopped.steps < 40
+    off = train(load_train_config(_hump_config(tmp_path), ["overwrite=true", "checkpoint_every=0"]))
+    assert off.steps == 40 and off.stopped_step is None and off.early_stop_best_step is None
+    # the same training up to the stop: early stopping only cuts the run short
+    assert [h["loss"] for h in off.history[: stopped.steps]] == pytest.approx([h["loss"] for h in stopped.history])
+
+
+def test_a_metric_the_run_never_logs_is_named_at_the_first_evaluation(tmp_path):
+    from diffdpo.train import load_train_config, train
+
+    cfg = load_train_config(_hump_config(tmp_path), ["early_stop.metric=eval/gold_typo", "eval_every=3"])
+    with pytest.raises(ValueError, match=r"early_stop.metric='eval/gold_typo' is not among the logged metrics at "
+                                         r"step 3: .*eval/gold"):
+        train(cfg)
