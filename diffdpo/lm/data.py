@@ -43,11 +43,32 @@ Bad input raises a one-line :class:`ValueError` naming the file, the line (while
 or the row (counted from 0 over the data rows), and what to do.
 
 Dense DPO (RLHF-V, Yu et al. 2023, "RLHF-V: Towards Trustworthy MLLMs via Behavior Alignment from
-Fine-grained Correctional Human Feedback", arXiv 2312.00849, Sec. 3.2 "DDPO"): the chosen response is a
-correction of the rejected one; tokens in the corrected segments weigh ``gamma`` (> 1) and the rest 1,
-and the sequence log-prob is the weighted mean (see :func:`diffdpo.lm.logps.sequence_logps`). Segments
-are found by a token diff of chosen against rejected (:func:`correction_weights`): tokens of each side
-that are not in a common run are the corrected (chosen) or the replaced (rejected) segments.
+Fine-grained Correctional Human Feedback", arXiv 2312.00849, Sec. 3.1 "DDPO", eq. 5): the chosen response
+is a correction of the rejected one; tokens in the corrected segments weigh ``gamma`` (> 1) and the rest 1,
+on both sides, and the sequence log-prob is the weighted mean
+``(sum_u log p + gamma * sum_c log p) / (|y_u| + gamma |y_c|)`` with ``lm.average_log_prob=true`` (the
+paper's eq. 5; their code's README command uses the weighted sum, ``dpo_use_average False``), see
+:func:`diffdpo.lm.logps.sequence_logps`. Where the segments come from:
+
+* **annotated spans** (this module's format): a pair row may carry ``chosen_spans`` and/or
+  ``rejected_spans``, each a list of ``[start, end)`` character offsets into that row's ``chosen`` /
+  ``rejected`` string as given (before any EOS is appended), sorted, non-overlapping, ``0 <= start < end
+  <= len(text)``; e.g. ``{"rejected": " good , purple and warm .", "rejected_spans": [[8, 14]]}``. A row that
+  gives one side's spans and not the other's has no weighted token on the other side (``[]``). Spans map to
+  completion tokens through the fast tokenizer's offsets of ``prompt + completion``: a token counts as inside
+  when its characters overlap a span by at least one character (a token straddling a span edge is inside;
+  zero-width tokens such as BOS never are). See :func:`span_token_weights`. Spans need string completions
+  and a fast tokenizer (``return_offsets_mapping``); invalid spans raise a ``ValueError`` naming the file,
+  row and key before any training;
+* **token diff** (fallback, rows without either key): :func:`correction_weights`, the tokens outside the
+  common runs of a diff of chosen against rejected; logged once per dataset ("no span annotations: dense
+  weights from a token diff").
+
+The released RLHF-V data (``openbmb/RLHF-V-Dataset``, formerly ``HaoyeZhang/RLHF-V-Dataset``) has no span
+column: each row's ``text`` is a JSON string ``{"question", "chosen", "rejected"}`` (plus ``image``,
+``ds_name``, ``origin_dataset``, ``origin_split``, ``idx``, ``image_path``), and their trainer finds the
+segments by a token diff (Muffin ``utils/diff_lib.get_diff_ids``). Rows in that form are read here too
+(``question`` becomes the prompt; the image is not used) and take the token-diff fallback.
 """
 
 from __future__ import annotations
@@ -56,6 +77,7 @@ import codecs
 import difflib
 import hashlib
 import json
+import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -65,6 +87,8 @@ from typing import Any, Literal
 import torch
 
 TruncationMode = Literal["keep_start", "keep_end"]
+SPAN_KEYS = ("chosen_spans", "rejected_spans")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -266,6 +290,12 @@ def _check_texts(row: dict, keys: Sequence[str], where: str) -> None:
 def _check_pair(row: dict, source: str, row_no: int) -> dict:
     """A preference pair with its columns checked and its prompt made explicit."""
     where = _where(source, row, row_no)
+    if "chosen" not in row and "rejected" not in row and "text" in row:
+        row = _from_rlhfv_text(row, where)
+    for key in SPAN_KEYS:
+        if key in row and key.removesuffix("_spans") not in row:
+            raise ValueError(f"{where}: {key!r} given without a {key.removesuffix('_spans')!r} completion to point "
+                             f"into; add {key.removesuffix('_spans')!r} or drop {key!r}")
     missing = [k for k in ("chosen", "rejected") if k not in row]
     if missing:
         raise ValueError(f"{where}: missing column(s) {', '.join(missing)}; preference pairs need "
@@ -278,6 +308,19 @@ def _check_pair(row: dict, source: str, row_no: int) -> dict:
     if is_conversational(row["chosen"]) != isinstance(row["prompt"], list):
         raise ValueError(f"{where}: prompt and completions must both be strings or both be message lists")
     return row
+
+
+def _from_rlhfv_text(row: dict, where: str) -> dict:
+    """A row of the RLHF-V release (``text`` = JSON ``{"question", "chosen", "rejected"}``) as a standard pair."""
+    try:
+        text = json.loads(row["text"]) if isinstance(row["text"], str) else row["text"]
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: 'text' is not JSON ({exc.msg}); RLHF-V rows hold a JSON string with "
+                         "question, chosen and rejected") from None
+    if not isinstance(text, dict) or not all(k in text for k in ("question", "chosen", "rejected")):
+        raise ValueError(f"{where}: 'text' lacks question/chosen/rejected; give prompt, chosen, rejected columns or "
+                         "an RLHF-V 'text' JSON with those three keys")
+    return {**row, "prompt": text["question"], "chosen": text["chosen"], "rejected": text["rejected"]}
 
 
 def is_conversational(value: Any) -> bool:
@@ -328,8 +371,8 @@ def _split_prompt(tokenizer: Any, prompt: Any, completions: list[Any], add_eos: 
     """(prompt ids, completion ids, prompt ids left out) with TRL's rule: completions start where the
     tokenisations of the prompt and of prompt + completion diverge (not always at the prompt's end)."""
     conversational = isinstance(prompt, list)
-    if not conversational and add_eos and tokenizer.eos_token:
-        completions = [c if c.endswith(tokenizer.eos_token) else c + tokenizer.eos_token for c in completions]
+    if not conversational:
+        completions = [_with_eos(tokenizer, c, add_eos) for c in completions]
     prompt_ids = _ids(tokenizer, prompt, generation_prompt=True)
     full = [_ids(tokenizer, prompt + c) for c in completions]
     cut = min(_common_prefix(prompt_ids, f) for f in full)
@@ -381,7 +424,10 @@ def correction_weights(chosen: list[int], rejected: list[int], gamma: float) -> 
     """RLHF-V token weights: ``gamma`` on the corrected (chosen) / replaced (rejected) segments, else 1.
 
     The segments are the tokens outside the common runs of a diff of the two completions (difflib,
-    autojunk off so repeated tokens are not dropped from the matching).
+    autojunk off so repeated tokens are not dropped from the matching). This is the fallback for pairs
+    without annotated spans. RLHF-V's own trainer (Muffin ``get_diff_ids``) differs in two ways: common runs
+    shorter than 3 tokens count as changed, and only replacements (a changed run on both sides) are weighted,
+    so a pure insertion or deletion gets no weight there; here it does.
     """
     w_c, w_r = [gamma] * len(chosen), [gamma] * len(rejected)
     matcher = difflib.SequenceMatcher(a=chosen, b=rejected, autojunk=False)
@@ -391,15 +437,99 @@ def correction_weights(chosen: list[int], rejected: list[int], gamma: float) -> 
     return w_c, w_r
 
 
+def _check_spans(spans: Any, text: Any, key: str, where: str) -> list[tuple[int, int]]:
+    """``[[start, end), ...]`` character spans of ``text``: sorted, non-overlapping, inside the text."""
+    fix = f"give {key} as sorted, non-overlapping [start, end) character offsets into the completion string"
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: {key!r} needs a string completion, got {_json_type(text)}; {fix}")
+    if not isinstance(spans, (list, tuple)):
+        raise ValueError(f"{where}: {key!r} is {_json_type(spans)}, not a list of [start, end] pairs; {fix}")
+    out: list[tuple[int, int]] = []
+    for span in spans:
+        if (not isinstance(span, (list, tuple)) or len(span) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in span)):
+            raise ValueError(f"{where}: {key!r} holds {span!r}, not a [start, end] pair of integers; {fix}")
+        start, end = span
+        if not 0 <= start < end <= len(text):
+            raise ValueError(f"{where}: {key!r} span [{start}, {end}) is empty or outside the {len(text)} characters "
+                             f"of the completion; {fix}")
+        if out and start < out[-1][1]:
+            raise ValueError(f"{where}: {key!r} span [{start}, {end}) overlaps or precedes [{out[-1][0]}, "
+                             f"{out[-1][1]}); {fix}")
+        out.append((start, end))
+    return out
+
+
+def _row_spans(row: dict, where: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]] | None:
+    """The row's checked (chosen, rejected) spans; None when it has neither key (token-diff fallback)."""
+    if not any(k in row for k in SPAN_KEYS):
+        return None
+    chosen, rejected = (_check_spans(row.get(k) or [], row[k.removesuffix("_spans")], k, where) for k in SPAN_KEYS)
+    return chosen, rejected
+
+
+def _offsets(tokenizer: Any, text: str, where: str) -> tuple[list[int], list[tuple[int, int]]]:
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{where}: character spans need a fast tokenizer (offsets mapping); "
+                         f"{type(tokenizer).__name__} is not one: load it with use_fast=True, or drop the span columns")
+    enc = tokenizer(text, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def _span_weights(tokenizer: Any, prompt: str, completion: str, completion_ids: list[int],
+                  spans: Sequence[tuple[int, int]], gamma: float, where: str = "<text>") -> list[float]:
+    """Weights of ``completion_ids`` (the last tokens of ``prompt + completion``): ``gamma`` on tokens whose
+    characters overlap a span of ``completion`` (offsets relative to the completion), 1 elsewhere."""
+    ids, offsets = _offsets(tokenizer, prompt + completion, where)
+    n = len(completion_ids)
+    if n == 0:
+        return []
+    if ids[len(ids) - n :] != completion_ids:
+        raise ValueError(f"{where}: the completion's tokens differ between two tokenisations of prompt + completion; "
+                         "the tokenizer is not deterministic, drop the span columns to use the token diff")
+    base = len(prompt)
+    shifted = [(base + s, base + e) for s, e in spans]
+    weights = []
+    for a, b in offsets[len(ids) - n :]:
+        inside = a < b and any(a < e and b > s for s, e in shifted)  # overlap by >= 1 character
+        weights.append(float(gamma) if inside else 1.0)
+    return weights
+
+
+def span_token_weights(tokenizer: Any, completion: str, spans: Sequence[Sequence[int]], gamma: float, *,
+                       prompt: str = "") -> tuple[list[int], list[float]]:
+    """Completion token ids and their RLHF-V dense-DPO weights (arXiv 2312.00849, eq. 5) for one completion.
+
+    ``spans`` are ``[start, end)`` character offsets into ``completion``; a token weighs ``gamma`` when its
+    characters overlap a span by at least one character, 1 otherwise. The tokens are those training sees:
+    ``prompt + completion`` tokenised as one text, the completion starting where that tokenisation and the
+    prompt's diverge (TRL's rule, :func:`tokenize_pairs`), no EOS appended. For display (e.g. the AlignDistil
+    notebook) and tests; training gets the same weights through :func:`tokenize_pairs`.
+    """
+    checked = _check_spans([list(s) for s in spans], completion, "spans", "span_token_weights")
+    _, (completion_ids,), _ = _split_prompt(tokenizer, prompt, [completion], add_eos=False)
+    return completion_ids, _span_weights(tokenizer, prompt, completion, completion_ids, checked, gamma,
+                                         "span_token_weights")
+
+
+def _with_eos(tokenizer: Any, text: str, add_eos: bool) -> str:
+    """The completion text :func:`_split_prompt` tokenises (EOS appended to standard data, as TRL)."""
+    eos = tokenizer.eos_token
+    return text if not (add_eos and eos) or text.endswith(eos) else text + eos
+
+
 def tokenize_pairs(rows: list[dict], tokenizer: Any, opts: TokenizeOptions, source: str = "<rows>"
                    ) -> TokenizedDataset:
     """Tokenise standard or conversational preference pairs; skipped rows are reported, not dropped silently."""
     items: list[dict[str, Any]] = []
     skipped: list[Skipped] = []
     merged: dict[str, list[int]] = {}  # row -> prompt tokens left out (see _split_prompt)
+    diffed = 0  # rows whose dense weights come from the token diff (no span annotations)
     for n, row in enumerate(rows):
         row_no = row.get("_row", n)
         row = _check_pair(row, source, row_no)
+        where = _where(source, row, row_no)
+        spans = _row_spans(row, where)  # checked before any training, with or without dense_gamma
         if (isinstance(row["chosen"], str) and not row["chosen"]) or (isinstance(row["rejected"], str) and not row["rejected"]):
             skipped.append(Skipped(row_no, "empty chosen or rejected completion"))
             continue
@@ -407,7 +537,14 @@ def tokenize_pairs(rows: list[dict], tokenizer: Any, opts: TokenizeOptions, sour
                                                             opts.add_eos)
         if dropped:
             merged[_row_label(row, row_no)] = dropped
-        weights = list(correction_weights(chosen, rejected, opts.dense_gamma)) if opts.dense_gamma else None
+        weights = None
+        if opts.dense_gamma and spans is None:
+            weights = list(correction_weights(chosen, rejected, opts.dense_gamma))
+            diffed += 1
+        elif opts.dense_gamma:
+            weights = [_span_weights(tokenizer, row["prompt"], _with_eos(tokenizer, row[k], opts.add_eos), ids, sp,
+                                     opts.dense_gamma, where)
+                       for k, ids, sp in (("chosen", chosen, spans[0]), ("rejected", rejected, spans[1]))]
         prompt, (chosen, rejected), weights = _truncate(prompt, [chosen, rejected], weights, opts)
         if not chosen or not rejected:
             skipped.append(Skipped(row_no, f"completion empty after truncation (prompt {len(prompt)} tokens, "
@@ -419,6 +556,9 @@ def tokenize_pairs(rows: list[dict], tokenizer: Any, opts: TokenizeOptions, sour
         item["index"] = len(items)
         items.append(item)
     ds = TokenizedDataset(items, paired=True, skipped=skipped, source=source, options=opts)
+    if diffed:
+        logger.warning("%s: no span annotations: dense weights from a token diff (%d of %d rows; give chosen_spans / "
+                       "rejected_spans to weigh the annotated segments)", source, diffed, len(rows))
     _warn_merged(source, merged, len(rows), tokenizer)
     if skipped:
         warnings.warn(ds.report(), stacklevel=2)
@@ -502,7 +642,7 @@ def load_preference_data(source: Any, tokenizer: Any, opts: TokenizeOptions, *, 
     for i, r in enumerate(rows):
         _check_is_object(r, f"{name}, row {i}")
     rows = [{**r, "_row": i} | ({"_line": lines[i]} if lines else {}) for i, r in enumerate(rows)]
-    is_paired_data = "chosen" in rows[0] or "rejected" in rows[0]
+    is_paired_data = "chosen" in rows[0] or "rejected" in rows[0] or "text" in rows[0]  # "text": RLHF-V release
     if unpaired:
         if is_paired_data:
             rows = unpair_rows([_check_pair(r, name, r["_row"]) for r in rows])
