@@ -70,6 +70,31 @@ class LMReferenceConfig:
 
 
 @dataclass
+class LMMarginConfig:
+    """MODPO's margin rewards (``loss.type=modpo``; Zhou et al. 2023, arXiv 2310.03708): one per objective other
+    than the trained one, computed once per pair before training and cached on disk (:mod:`diffdpo.lm.margin`)."""
+
+    kinds: list[str] = field(default_factory=list, metadata=help_meta(
+        "per margin objective: implicit (beta * log(pi_k / pi_ref) of a DPO model) or reward_model (a reward model's score)"))
+    models: list[str] = field(default_factory=list, metadata=help_meta(
+        "per margin objective: a DPO model folder (full model or peft adapter) or a reward model folder"))
+    reference: str = field(default="", metadata=help_meta("pi_ref of the implicit rewards; empty = lm.model.pretrained"))
+    beta: float = field(default=0.1, metadata=help_meta("beta of the implicit rewards (the margin DPO model's beta)"))
+    cache_dir: str = field(default="runs/margin_cache", metadata=help_meta("where computed margin rewards are cached"))
+    batch_size: int = field(default=16, metadata=help_meta("pairs per forward when computing them"))
+
+    def __post_init__(self) -> None:
+        if len(self.kinds) != len(self.models):
+            raise ValueError(f"lm.margin.kinds ({len(self.kinds)}) and lm.margin.models ({len(self.models)}) must "
+                             "have one entry per margin objective each")
+        bad = [k for k in self.kinds if k not in ("implicit", "reward_model")]
+        if bad:
+            raise ValueError(f"lm.margin.kinds: unknown {bad}; use implicit or reward_model")
+        if not (self.beta > 0 and self.batch_size >= 1):
+            raise ValueError("lm.margin.beta must be > 0 and lm.margin.batch_size >= 1")
+
+
+@dataclass
 class LMConfig:
     model: LMModelConfig = field(default_factory=LMModelConfig)
     lora: LMLoraConfig = field(default_factory=LMLoraConfig)
@@ -87,12 +112,27 @@ class LMConfig:
     )
     logits_chunk_size: int = field(default=1024, metadata=help_meta("target tokens per LM-head chunk (memory bound)"))
     topk: int = field(default=20, metadata=help_meta("k of the top-k entropy / mass over-optimisation indicators; 0 = off"))
+    margin: LMMarginConfig = field(default_factory=LMMarginConfig)
 
     def __post_init__(self) -> None:
         if self.dense_gamma is not None and self.dense_gamma <= 0:
             raise ValueError(f"lm.dense_gamma must be > 0, got {self.dense_gamma}")
         if self.logits_chunk_size < 1 or self.topk < 0:
             raise ValueError("lm.logits_chunk_size must be >= 1 and lm.topk >= 0")
+
+    def check_loss(self, loss: Any) -> None:
+        """MODPO: margin models and weights agree (1 + K weights for K margin objectives), before any model loads."""
+        k = len(self.margin.models)
+        if loss.type != "modpo":
+            if k:
+                raise ValueError(f"lm.margin.models is set but loss.type={loss.type!r}; margin rewards are for modpo")
+            return
+        if not k:
+            raise ValueError("loss.type=modpo needs the other objectives' margin rewards: set lm.margin.kinds and "
+                             "lm.margin.models (one entry per objective)")
+        if len(loss.modpo_weights) != k + 1:
+            raise ValueError(f"loss.modpo_weights has {len(loss.modpo_weights)} entries but lm.margin.models names {k} "
+                             f"margin objective(s): give {k + 1} weights [w_0 (trained objective), w_1 ... w_{k}]")
 
 
 def _build_task(cfg: LMConfig, context: TaskContext) -> Any:

@@ -30,6 +30,7 @@ from diffdpo.config import check_data_source
 from diffdpo.lm.config import LMConfig
 from diffdpo.lm.data import TokenizedDataset, TokenizeOptions, assign_kl_completions, load_preference_data
 from diffdpo.lm.logps import CausalLMLogps, head_spec, sequence_logps
+from diffdpo.lm.margin import precompute_margin_rewards
 from diffdpo.lm.models import frozen_copy, load_causal_lm, load_tokenizer, model_fingerprint
 from diffdpo.lm.packing import Group, TokenBatch, collate_groups, prepare_for_packing
 from diffdpo.lm.reference import PrecomputedReference, precompute_reference
@@ -75,6 +76,8 @@ class LMPreferenceTask:
             self.ref_policy = CausalLMLogps(frozen_copy(lm, frozen_dtype), chunk_size=cfg.logits_chunk_size, topk=0)
         elif self.reference_kind == "precomputed":
             self.precomputed = precompute_reference(self, accelerator)
+        # MODPO: the other objectives' margin rewards, once per pair, cached on disk like the reference
+        self.margins = precompute_margin_rewards(self, accelerator) if loss_type == "modpo" else None
 
     # ---- setup -------------------------------------------------------------------------------------
 
@@ -143,6 +146,8 @@ class LMPreferenceTask:
         b = tokens.num_sequences // 2
         ref_c, ref_r = (None, None) if ref_logps is None else (ref_logps[:b], ref_logps[b:])
         out = LogpsOut(logps[:b], logps[b:], ref_c, ref_r, metrics)
+        if self.margins is not None:  # (B, K) margin rewards of this batch's pairs, by dataset index
+            out.loss_inputs.update(self.margins.lookup(batch["index"], self.device))
         if not avg:  # summed log-probs: the lengths IPO's length normalisation divides by
             lengths = tokens.completion_lengths.to(logps.device)
             out.chosen_lengths, out.rejected_lengths = lengths[:b], lengths[b:]
