@@ -404,3 +404,19 @@ def read_prompts(value: str) -> list[str]:
             raise ValueError(f"{path}, row {missing[0]}: no 'prompt' text")
         return [r["prompt"] for r in rows]
     return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def generate_main(model_path: str, prompts: str, control: str, *, n: int = 1, max_new_tokens: int = 64, seed: int = 0,
+                  temperature: float = 1.0, base: str | None = None) -> int:
+    """``diffdpo generate``: one JSON line per sample (``prompt``, ``control``, ``completion``) on stdout.
+
+    An unknown control is a ``ValueError`` (exit 2) listing the trained controls, raised before the model loads.
+    """
+    prefix = check_control(control, read_controls(model_path))
+    texts = read_prompts(prompts)
+    model, tokenizer, _ = load_control_model(model_path, base)
+    done = generate_with_control(model, tokenizer, texts, prefix, n=n, max_new_tokens=max_new_tokens, seed=seed,
+                                 temperature=temperature)
+    for row, completion in zip(done.prompt_index.tolist(), done.texts):
+        print(json.dumps({"prompt": texts[row], "control": control, "completion": completion}))
+    return 0
