@@ -92,6 +92,16 @@ def _register_mpo(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _register_modpo_front(sub: argparse._SubParsersAction) -> None:
+    _config_command(
+        sub, "modpo-front", _run_recipe("diffdpo.recipes.modpo", "ModpoFrontConfig", "run_modpo_front"),
+        help="MODPO's Pareto front on the tiny two-objective LM world vs mixed-data DPO and DPO soups, several seeds",
+        description="Train a DPO model per objective, then MODPO (the other objective's implicit reward as margin), "
+        "mixed-data DPO and weight soups at every weight w; evaluate both gold judges and write results.csv, "
+        "summary.csv (95% intervals), front.png and summary.md with the goal check (Zhou et al. 2023).",
+    )
+
+
 def _register_online_t2i(sub: argparse._SubParsersAction) -> None:
     _config_command(
         sub, "online-t2i", _run_recipe("diffdpo.recipes.online_t2i", "OnlineT2IConfig", "run_online_t2i"),
@@ -320,6 +330,7 @@ _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_generate,
     _register_losses,
     _register_meet,
+    _register_modpo_front,
     _register_mpo,
     _register_online_t2i,
     _register_relabel,

@@ -79,6 +79,8 @@ class LMMarginConfig:
     models: list[str] = field(default_factory=list, metadata=help_meta(
         "per margin objective: a DPO model folder (full model or peft adapter) or a reward model folder"))
     reference: str = field(default="", metadata=help_meta("pi_ref of the implicit rewards; empty = lm.model.pretrained"))
+    reward_model_class: str = field(default="diffdpo.rewards.lm:HFRewardModel", metadata=help_meta(
+        "reward_model: 'package.module:Name' called as Name(folder, device=, batch_size=)(prompts, completions)"))
     beta: float = field(default=0.1, metadata=help_meta("beta of the implicit rewards (the margin DPO model's beta)"))
     cache_dir: str = field(default="runs/margin_cache", metadata=help_meta("where computed margin rewards are cached"))
     batch_size: int = field(default=16, metadata=help_meta("pairs per forward when computing them"))

@@ -151,16 +151,33 @@ def implicit_margin(task: LMPreferenceTask, path: str) -> torch.Tensor:
     return implicit_rewards(policy, ref, cfg.beta)
 
 
+def reward_model_class(target: str) -> Any:
+    """The class ``"package.module:Name"`` names (by default :class:`diffdpo.rewards.lm.HFRewardModel`; named, not
+    imported here, because the rewards package builds on this one)."""
+    import importlib
+
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"lm.margin.reward_model_class={target!r} must look like 'package.module:Name'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"lm.margin.reward_model_class={target!r}: cannot import {module_name!r} ({exc})") from exc
+    if not hasattr(module, attr):
+        raise ValueError(f"lm.margin.reward_model_class={target!r}: {module_name} has no {attr!r}")
+    return getattr(module, attr)
+
+
 def reward_model_margin(task: LMPreferenceTask, path: str) -> torch.Tensor:
     """(N, 2) scores of a reward model folder on the pairs' raw texts (the rows the items were tokenised from)."""
     from diffdpo.lm.data import load_rows
-    from diffdpo.rewards.lm import HFRewardModel
 
     d = task.cfg.data
     rows, _ = load_rows(d.source, d.split)
     ds = task.dataset()
     picked = [rows[item["row"]] for item in ds.items]
-    rm = HFRewardModel(path, device=task.device, batch_size=task.cfg.margin.batch_size)
+    cls = reward_model_class(task.cfg.margin.reward_model_class)
+    rm = cls(path, device=task.device, batch_size=task.cfg.margin.batch_size)
     prompts = [r["prompt"] for r in picked]
     chosen = rm(prompts, [r["chosen"] for r in picked]).float().cpu()
     rejected = rm(prompts, [r["rejected"] for r in picked]).float().cpu()
@@ -171,6 +188,7 @@ def cache_key(task: LMPreferenceTask) -> str:
     cfg = task.cfg.margin
     parts = {
         "kinds": list(cfg.kinds),
+        "reward_model_class": cfg.reward_model_class if "reward_model" in cfg.kinds else None,
         "models": [folder_fingerprint(p) for p in cfg.models],
         "reference": folder_fingerprint(_reference_path(task)) if "implicit" in cfg.kinds else None,
         "beta": cfg.beta if "implicit" in cfg.kinds else None,

@@ -11,8 +11,8 @@ probability) gets two gold judges and one preference set per objective:
   ``good , warm , calm and fresh .`` (-8).
 
 They conflict: the most positive review is the longest one. Each pair is two independent reviews drawn as
-the base model writes them (sentiment and length at random), the chosen one being the one its objective's
-judge scores higher (ties are drawn again). ``pairs.jsonl`` holds both sets, its ``objective`` column naming
+the base model writes them (sentiment and length at random, different gold scores), labelled by a
+Bradley-Terry draw on the objective's gold score (noisy, as human labels are). ``pairs.jsonl`` holds both sets, its ``objective`` column naming
 each pair's objective; :func:`diffdpo.lm.margin.split_objectives` separates them.
 
 Task ``tiny_lm_objectives`` (:data:`TASK`): the ``tiny_lm`` task trained on one objective's set
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ from diffdpo.toy.tiny_lm import (
 )
 
 OBJECTIVES = ("positivity", "conciseness")
-DATA_VERSION = 1
+DATA_VERSION = 2
 
 
 def positivity(completion: str) -> float:
@@ -71,8 +72,23 @@ def _base_review(rng: random.Random) -> str:
     return review(_adjectives(rng, rng.random() < 0.5))
 
 
+#: Bradley-Terry scale of each gold score: one adjective's difference is one logit (conciseness: 2 words)
+LABEL_SCALE = {"positivity": 1.0, "conciseness": 0.5}
+
+
+def preference_probability(name: str, a: str, b: str) -> float:
+    """P(a beats b) for objective ``name``: Bradley-Terry on its gold score, ``sigma(scale * (s(a) - s(b)))``."""
+    return 1.0 / (1.0 + math.exp(-LABEL_SCALE[name] * (GOLD[name](a) - GOLD[name](b))))
+
+
 def objective_rows(n_per_objective: int, seed: int) -> list[dict]:
-    """``n_per_objective`` judged pairs per objective (prompt, chosen, rejected, objective)."""
+    """``n_per_objective`` labelled pairs per objective (prompt, chosen, rejected, objective).
+
+    Two independent base-like reviews with different gold scores, labelled by a draw from the objective's
+    Bradley-Terry probability (:func:`preference_probability`): labels are noisy, as people's are, so each
+    objective has a finite reward and a trade-off between the two exists (with noiseless labels DPO's reward
+    gaps grow without bound and any margin is washed out).
+    """
     rng = random.Random(seed)
     rows = []
     for name in OBJECTIVES:
@@ -82,7 +98,7 @@ def objective_rows(n_per_objective: int, seed: int) -> list[dict]:
             a, b = _base_review(rng), _base_review(rng)
             while score(a) == score(b):
                 b = _base_review(rng)
-            chosen, rejected = (a, b) if score(a) > score(b) else (b, a)
+            chosen, rejected = (a, b) if rng.random() < preference_probability(name, a, b) else (b, a)
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "objective": name})
     return rows
 
@@ -185,10 +201,16 @@ def training_data(cfg: TinyObjectivesConfig, world_root: Path, seed: int) -> Pat
 
 
 def build_task(cfg: TinyObjectivesConfig, context: TaskContext) -> TinyObjectivesTask:
-    """Build the world and the objectives' data (once), point the section at the chosen set, train on it."""
-    world = build_world(cfg.world, seed=context.seed)
-    cfg.model.pretrained = cfg.model.pretrained or str(world.model_dir)
-    cfg.data.source = cfg.data.source or str(training_data(cfg, world.root, context.seed))
+    """Build the world and the objectives' data (once), point the section at the chosen set, train on it.
+
+    With ``model.pretrained`` and ``objectives_data`` both given, no world is built (their split files go
+    under ``world``)."""
+    if cfg.model.pretrained and cfg.objectives_data:
+        root = Path(cfg.world)
+    else:
+        root = build_world(cfg.world, seed=context.seed).root
+        cfg.model.pretrained = cfg.model.pretrained or str(root / "model")
+    cfg.data.source = cfg.data.source or str(training_data(cfg, root, context.seed))
     return TinyObjectivesTask(cfg, **context.kwargs())
 
 
