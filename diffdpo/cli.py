@@ -123,41 +123,6 @@ def _register_study_online(sub: argparse._SubParsersAction) -> None:
     )
 
 
-
-def _register_meet(sub: argparse._SubParsersAction) -> None:
-    _config_command(
-        sub, "meet", _run_recipe("diffdpo.recipes.meet", "MEETConfig", "run_meet"),
-        help="MEET on the tiny LM world: control tokens tuned alone, then the model, vs joint training and text controls",
-        description="For every seed, train MEET (stage 1: only the control tokens, model frozen; stage 2: the model), "
-        "the joint-training baseline and hand-written text controls with the same steps; measure each control's "
-        "controllability and gold score on held-out prompts; write results.csv, summary.csv (95% intervals), meet.png "
-        "and summary.md with the goal check (Xue et al. 2023, docs/meet.md).",
-    )
-
-
-def _run_generate(args: argparse.Namespace) -> int:
-    from diffdpo.lm.control import generate_main
-
-    return generate_main(args.model, args.prompts, args.control, n=args.n, max_new_tokens=args.max_new_tokens,
-                         seed=args.seed, temperature=args.temperature, base=args.base)
-
-
-def _register_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "generate", help="sample completions from a control-trained LM (lm_control / MEET) under a chosen control",
-        description="Load a trained final/ folder (save_pretrained model or peft adapter, with controls.json), write "
-        "the chosen control before each prompt and print one JSON line per sample: prompt, control, completion.",
-    )
-    p.add_argument("--model", required=True, help="final/ folder of an lm_control or tiny_lm_control run")
-    p.add_argument("--prompts", required=True, help="a prompt, or a .txt (one per line) / .jsonl (prompt column) file")
-    p.add_argument("--control", required=True, help="the control name (one of the trained controls)")
-    p.add_argument("--n", type=int, default=1, help="samples per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens per completion")
-    p.add_argument("--seed", type=int, default=0, help="seed of the samples")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
-    p.add_argument("--base", default=None, help="base model of a peft adapter folder (default: its adapter config's)")
-    p.set_defaults(func=_run_generate)
-
 def _register_study_kl_budget(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from diffdpo.config import load_config
@@ -176,7 +141,6 @@ def _register_study_kl_budget(sub: argparse._SubParsersAction) -> None:
         "top-10 entropy and mass, chosen log-likelihood and margin), fit the scaling laws and write results.csv, "
         "fits.csv, leads.csv, early_stop.csv, two figures and summary.md.",
     )
-
 
 
 def _register_meet(sub: argparse._SubParsersAction) -> None:
