@@ -287,3 +287,15 @@ def test_reward_model_margins_are_its_scores_of_each_pair(tokenizer, pair_rows, 
     want = HFRewardModel(rm_dir)([r["prompt"] for r in rows], [r["rejected"] for r in rows])
     torch.testing.assert_close(m.rejected[:, 0], want.float(), atol=1e-5, rtol=0)
     assert not torch.allclose(m.chosen, m.rejected)
+
+
+def test_shipped_modpo_configs_load():
+    from diffdpo.config import load_config
+    from diffdpo.recipes.modpo import ModpoFrontConfig
+
+    cfg = load_train_config(CONFIGS / "modpo_tiny.yaml")
+    assert cfg.loss.type == "modpo" and cfg.loss.modpo_weights == [0.5, 0.5]
+    assert cfg.tiny_lm_objectives.margin.kinds == ["implicit"]
+    assert load_train_config(CONFIGS / "modpo_margin_dpo_tiny.yaml").tiny_lm_objectives.objective == "conciseness"
+    front = load_config(ModpoFrontConfig, CONFIGS / "modpo_front_tiny.yaml")
+    assert len(front.weights) == 5 and front.seeds == [0, 1, 2]
