@@ -36,6 +36,8 @@ def test_turns_and_leads_by_hand():
     assert study.indicator_turn(STEPS, CHOSEN, 2) == (6, -1)
     assert study.indicator_turn(STEPS, MASS, 2) == (None, 1)
     assert study.indicator_turn(STEPS, ENTROPY, 3) == (4, 1)  # 1.3, 1.1, 1.0: three in a row
+    # trailing means of 2: 1.0, 1.1, 1.3, 1.35, 1.2, 1.05, 0.95 -> best 1.35 at step 6, turn there
+    assert study.indicator_turn(STEPS, ENTROPY, 2, smoothing=2) == (6, 1)
     assert study.gold_peak(STEPS, GOLD) == (6, 0.80)
     assert study.gold_peak([0, 2, 4], [0.5, 0.7, 0.7]) == (2, 0.7)  # the first of equal peaks
     rows = {r["indicator"]: r for r in study.leads(_run_rows(), patience=2)}
@@ -134,8 +136,11 @@ def test_the_fast_study_writes_every_output(tmp_path):
                                                            for form in ("log", "quadratic")]
     assert list(fits[0]) == study.FIT_COLUMNS
     assert len(study.read_csv(out / "leads.csv")) == 3 * len(study.INDICATORS)
-    assert [s["objective"] for s in study.read_csv(out / "early_stop.csv")] == list(study.OBJECTIVES)
+    stops = study.read_csv(out / "early_stop.csv")
+    assert list(stops[0]) == study.STOP_COLUMNS
+    assert [(s["rule"], s["objective"]) for s in stops] == [(f"{m}/turn", o) for m in study.INDICATORS
+                                                             for o in study.OBJECTIVES]
     assert (out / "kl_budget.png").stat().st_size > 1000 and (out / "likelihood_indicators.png").stat().st_size > 1000
     text = (out / "summary.md").read_text()
-    assert "diffdpo study-kl-budget fast=true" in text and "| DPO | log |" in text and "Early stop" in text
+    assert "diffdpo study-kl-budget fast=true" in text and "| DPO | log |" in text and "| topk_entropy_bits/turn | DPO |" in text
     assert all((out / "data" / "seed0" / name).is_file() for name in ("pairs.jsonl", "eval_pairs.jsonl", "proxy.json"))

@@ -73,7 +73,7 @@ FIT_COLUMNS = ["objective", "form", "n", "alpha", "b", "r2", "rmse", "kl_peak", 
                "peak_before_epoch_fit", "runs", "runs_peak_before_epoch", "peak_epoch_median"]
 LEAD_COLUMNS = ["objective", "beta", "seed", "gold_peak_step", "gold_peak_score", "indicator", "direction",
                 "turn_step", "lead_steps"]
-STOP_COLUMNS = ["objective", "beta", "seed", "metric", "stopped_step", "best_step", "score_stopped", "score_best",
+STOP_COLUMNS = ["rule", "objective", "beta", "seed", "metric", "stopped_step", "best_step", "score_stopped", "score_best",
                 "score_end", "score_peak", "end_step"]
 
 
@@ -112,9 +112,11 @@ class KLBudgetStudyConfig:
     eval_seed: int = field(default=1234, metadata=help_meta("seed of the evaluation samples"))
     topk: int = field(default=10, metadata=help_meta("k of the top-k entropy / mass indicators"))
     turn_patience: int = field(default=2, metadata=help_meta("evaluations an indicator must move back before its extremum is a turn"))
+    turn_smoothing: int = field(default=1, metadata=help_meta("turns on the trailing mean over this many evaluations; 1 = raw"))
     early_stop_metric: str = field(default="topk_entropy_bits", metadata=help_meta("indicator column the early-stop rule watches"))
     early_stop_mode: str = field(default="turn", metadata=help_meta("max, min or turn (diffdpo.early_stop)"))
     early_stop_patience: int = field(default=2, metadata=help_meta("evaluations without improvement before stopping"))
+    early_stop_smoothing: int = field(default=1, metadata=help_meta("early stop on the trailing mean over this many evaluations"))
     device: str = field(default="auto", metadata=help_meta("auto (cuda if available), cpu or cuda"))
     fast: bool = field(default=False, metadata=help_meta("tests: one seed, one beta per objective, 4 steps of 8 pairs, tiny evaluation"))
 
@@ -148,8 +150,9 @@ class KLBudgetStudyConfig:
             raise ValueError(f"early_stop_metric={self.early_stop_metric!r}; use one of {', '.join(INDICATORS)} or win_score")
         from diffdpo.early_stop import EarlyStopConfig
 
-        EarlyStopConfig(metric=self.early_stop_metric, mode=self.early_stop_mode, patience=self.early_stop_patience)
-        EarlyStopConfig(metric="x", mode="turn", patience=self.turn_patience)
+        EarlyStopConfig(metric=self.early_stop_metric, mode=self.early_stop_mode, patience=self.early_stop_patience,
+                        smoothing=self.early_stop_smoothing)
+        EarlyStopConfig(metric="x", mode="turn", patience=self.turn_patience, smoothing=self.turn_smoothing)
 
     def betas(self, objective: str) -> list[float]:
         return list(getattr(self, f"{objective}_betas"))
@@ -408,30 +411,31 @@ def gold_peak(steps: Sequence[int], scores: Sequence[float]) -> tuple[int, float
     return int(steps[i]), float(scores[i])
 
 
-def indicator_turn(steps: Sequence[int], values: Sequence[float], patience: int) -> tuple[int | None, int]:
+def indicator_turn(steps: Sequence[int], values: Sequence[float], patience: int, smoothing: int = 1
+                   ) -> tuple[int | None, int]:
     """(turn step, direction) of an indicator curve: :class:`diffdpo.early_stop.EarlyStopper` in ``turn`` mode.
 
     The direction (+1 rising, -1 falling, 0 flat) is set by the first move away from the first value; the
     turn is the extremum after which the curve moves back for ``patience`` evaluations in a row (None if
-    it never does, e.g. a monotone curve).
+    it never does, e.g. a monotone curve). ``smoothing`` > 1: on the trailing mean over that many evaluations.
     """
     from diffdpo.early_stop import EarlyStopConfig, EarlyStopper
 
-    stopper = EarlyStopper(EarlyStopConfig(metric="indicator", mode="turn", patience=patience))
+    stopper = EarlyStopper(EarlyStopConfig(metric="indicator", mode="turn", patience=patience, smoothing=smoothing))
     for s, v in zip(steps, values):
         if stopper.update(int(s), float(v)):
             return stopper.best_step, stopper.direction
     return None, stopper.direction
 
 
-def leads(rows: Sequence[dict[str, Any]], patience: int) -> list[dict[str, Any]]:
+def leads(rows: Sequence[dict[str, Any]], patience: int, smoothing: int = 1) -> list[dict[str, Any]]:
     """One row per (objective, beta, seed, indicator): gold peak, the indicator's turn and the lead in steps."""
     out = []
     for (objective, beta, seed), run_rows in _runs(rows).items():
         steps = [int(r["step"]) for r in run_rows]
         peak_step, peak_score = gold_peak(steps, [float(r["win_score"]) for r in run_rows])
         for name in INDICATORS:
-            turn, direction = indicator_turn(steps, [float(r[name]) for r in run_rows], patience)
+            turn, direction = indicator_turn(steps, [float(r[name]) for r in run_rows], patience, smoothing)
             out.append({"objective": objective, "beta": beta, "seed": seed, "gold_peak_step": peak_step,
                         "gold_peak_score": peak_score, "indicator": name, "direction": direction,
                         "turn_step": "" if turn is None else turn,
@@ -439,7 +443,8 @@ def leads(rows: Sequence[dict[str, Any]], patience: int) -> list[dict[str, Any]]
     return out
 
 
-def early_stop_outcomes(rows: Sequence[dict[str, Any]], metric: str, mode: str, patience: int) -> list[dict[str, Any]]:
+def early_stop_outcomes(rows: Sequence[dict[str, Any]], metric: str, mode: str, patience: int, smoothing: int = 1
+                        ) -> list[dict[str, Any]]:
     """The trainer's early-stop rule replayed on each run: gold at the stopped step, the best step and the end.
 
     A run the rule never stops is stopped at its last step (stopped = end).
@@ -448,7 +453,7 @@ def early_stop_outcomes(rows: Sequence[dict[str, Any]], metric: str, mode: str, 
 
     out = []
     for (objective, beta, seed), run_rows in _runs(rows).items():
-        stopper = EarlyStopper(EarlyStopConfig(metric=metric, mode=mode, patience=patience))
+        stopper = EarlyStopper(EarlyStopConfig(metric=metric, mode=mode, patience=patience, smoothing=smoothing))
         score = {int(r["step"]): float(r["win_score"]) for r in run_rows}
         for r in run_rows:
             if stopper.update(int(r["step"]), float(r[metric])):
@@ -524,9 +529,27 @@ def _by_beta_step(rows: Sequence[dict[str, Any]], objective: str, key: str
     return out
 
 
-def plot_kl_budget(rows: Sequence[dict[str, Any]], path: str | Path | None = None) -> Any:
-    """Gold win score vs sqrt(KL) per objective: per (beta, step) means over seeds with 95% t-intervals on both
-    axes, the pooled log and quadratic fits, and bands = 95% t-intervals of the per-seed fits."""
+def _binned(rows: Sequence[dict[str, Any]], edges: Any) -> list[tuple[float, float, float, float]]:
+    """Per sqrt(KL) bin: (centre, mean, low, high) of the win score, the 95% t-interval over seeds of each
+    seed's mean in the bin (bins that not every seed reaches get no interval)."""
+    import numpy as np
+
+    out = []
+    seeds = sorted({int(r["seed"]) for r in rows})
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = [r for r in rows if lo <= math.sqrt(max(float(r["kl"]), 0.0)) < hi]
+        per_seed = [np.mean([float(r["win_score"]) for r in inside if int(r["seed"]) == s]) for s in seeds
+                    if any(int(r["seed"]) == s for r in inside)]
+        if per_seed:
+            m, low, high = _interval(per_seed) if len(per_seed) == len(seeds) else (float(np.mean(per_seed)),) * 3
+            out.append((0.5 * (lo + hi), m, low, high))
+    return out
+
+
+def plot_kl_budget(rows: Sequence[dict[str, Any]], path: str | Path | None = None, bins: int = 8) -> Any:
+    """Gold win score vs sqrt(KL) per objective: every evaluation as a faint point (colour = beta), the binned
+    mean with the 95% t-interval over seeds (black), the pooled log and quadratic fits, and their bands
+    (95% t-intervals of the per-seed fits)."""
     import numpy as np
     from matplotlib.figure import Figure
 
@@ -537,21 +560,26 @@ def plot_kl_budget(rows: Sequence[dict[str, Any]], path: str | Path | None = Non
     axes = fig.subplots(1, len(objectives), squeeze=False)[0]
     for ax, objective in zip(axes, objectives):
         mine = [r for r in rows if r["objective"] == objective]
-        xs, ys = _by_beta_step(mine, objective, "sqrt_kl"), _by_beta_step(mine, objective, "win_score")
-        colors = iter(["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"])
-        for beta in xs:
-            mx, lx, hx = (np.array(v) for v in zip(*[c for _, c in xs[beta]]))
-            my, ly, hy = (np.array(v) for v in zip(*[c for _, c in ys[beta]]))
-            ax.errorbar(mx, my, xerr=[mx - lx, hx - mx], yerr=[my - ly, hy - my], fmt="o", ms=3, capsize=2, lw=0.8,
-                        color=next(colors), label=f"beta {beta:g}")
         kl_all = np.array([max(float(r["kl"]), 0.0) for r in mine])
-        d = np.linspace(0.0, math.sqrt(kl_all.max()) * 1.05 if kl_all.size else 1.0, 200)
+        score = np.array([float(r["win_score"]) for r in mine])
+        for c, beta in enumerate(dict.fromkeys(float(r["beta"]) for r in mine)):
+            sel = np.array([float(r["beta"]) == beta for r in mine])
+            ax.scatter(np.sqrt(kl_all[sel]), score[sel], s=7, alpha=0.35, color=f"C{c % 10}", lw=0,
+                       label=f"beta {beta:g}")
+        d_max = math.sqrt(kl_all.max()) * 1.02 if kl_all.size and kl_all.max() > 0 else 1.0
+        edges = np.linspace(0.0, d_max, bins + 1)
+        binned = _binned(mine, edges)
+        if binned:
+            x, m, low, high = (np.array(v) for v in zip(*binned))
+            ax.errorbar(x, m, yerr=[m - low, high - m], fmt="o", color="k", ms=4, capsize=3, lw=1,
+                        label="binned mean, 95% t over seeds")
+        d = np.linspace(0.0, d_max, 200)
         for form, style in (("log", "-"), ("quadratic", "--")):
             if len(mine) < 2:
                 continue
-            pooled = fit_scaling_law(kl_all, [float(r["win_score"]) for r in mine], form=form, offset=0.5)
-            ax.plot(d, pooled.predict(d**2), style, color="k", lw=1.2,
-                    label=f"{form} fit (R^2 {pooled.r2:.2f})")
+            pooled = fit_scaling_law(kl_all, score, form=form, offset=0.5)
+            ax.plot(d, pooled.predict(d**2), style, color="k" if form == "log" else "0.35", lw=1.3,
+                    label=f"{form} fit (R^2 {pooled.r2:.2f}, KL* {pooled.kl_peak:.2g})")
             per_seed = []
             for seed in sorted({int(r["seed"]) for r in mine}):
                 sr = [r for r in mine if int(r["seed"]) == seed]
@@ -564,12 +592,15 @@ def plot_kl_budget(rows: Sequence[dict[str, Any]], path: str | Path | None = Non
                 ax.fill_between(d, [b[1] for b in band], [b[2] for b in band], color="k",
                                 alpha=0.12 if form == "log" else 0.06, lw=0)
         ax.axhline(0.5, color="grey", lw=0.6, ls=":")
+        low_y = min(0.3, float(score.min()) - 0.05) if score.size else 0.3
+        ax.set_ylim(low_y, 1.02)
+        ax.set_xlim(0.0, d_max)
         ax.set_xlabel("sqrt(KL(policy || base)), nats^0.5 (analytic estimator)")
         ax.set_ylabel("gold win score vs base (ties = 1/2)")
         ax.set_title(OBJECTIVE_NAMES.get(objective, objective))
-        ax.legend(fontsize=7)
-    fig.suptitle("KL budget on the tiny world: seeds' means with 95% t-intervals; bands: per-seed fits (95%)",
-                 fontsize=9)
+        ax.legend(fontsize=6, loc="best", framealpha=0.6)
+    fig.suptitle("KL budget on the tiny world: all evaluations (points), binned means with 95% t-intervals over "
+                 "seeds, pooled fits with per-seed 95% bands", fontsize=9)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)
@@ -654,21 +685,23 @@ def summary_tables(cfg: KLBudgetStudyConfig, fits: Sequence[dict[str, Any]], lea
             lines.append(f"| {OBJECTIVE_NAMES[objective]} | {label} | {len(turned)}/{len(mine)} | {ups} / {downs} | "
                          f"{_f(sum(lead_values) / len(lead_values), 1) if lead_values else 'n/a'} | "
                          f"{_ci(_seed_means(turned, objective, 'lead_steps'), 1)} | {first}/{len(turned)} |")
-    lines += ["", f"Early stop (the trainer's `early_stop: {{metric: {cfg.early_stop_metric}, mode: {cfg.early_stop_mode}, "
-              f"patience: {cfg.early_stop_patience}}}` replayed on each run): gold win score at the stopped step, at the "
-              "watched metric's best step, at the end of training and at the run's best evaluation (oracle); per "
-              "seed the mean over betas, then the mean over seeds with a 95% t-interval.", "",
-              "| objective | stopped step (mean) | gold at stop | gold at best step | gold at end | gold peak (oracle) | "
-              "stop - end |", "|---|---|---|---|---|---|---|"]
-    for objective in cfg.objectives:
-        mine = [dict(r, gain=float(r["score_stopped"]) - float(r["score_end"])) for r in stops
-                if r["objective"] == objective]
-        if not mine:
-            continue
-        mean_stop = sum(float(r["stopped_step"]) for r in mine) / len(mine)
-        lines.append(f"| {OBJECTIVE_NAMES[objective]} | {mean_stop:.1f} | "
-                     + " | ".join(_ci(_seed_means(mine, objective, k)) for k in
-                                  ("score_stopped", "score_best", "score_end", "score_peak", "gain")) + " |")
+    lines += ["", f"Early stop (the trainer's `early_stop` rule replayed on each run; patience {cfg.early_stop_patience}, "
+              f"smoothing {cfg.early_stop_smoothing}; the configured rule `{cfg.early_stop_metric}/{cfg.early_stop_mode}` "
+              "first, then every other indicator as a turn rule): gold win score at the stopped step, at the watched "
+              "metric's best step, at the end of training and at the run's best evaluation (oracle); per seed the mean "
+              "over betas, then the mean over seeds with a 95% t-interval.", "",
+              "| rule | objective | stopped step (mean) | gold at stop | gold at best step | gold at end | gold peak (oracle) | "
+              "stop - end |", "|---|---|---|---|---|---|---|---|"]
+    for rule in dict.fromkeys(str(r.get("rule", r["metric"])) for r in stops):
+        for objective in cfg.objectives:
+            mine = [dict(r, gain=float(r["score_stopped"]) - float(r["score_end"])) for r in stops
+                    if r["objective"] == objective and str(r.get("rule", r["metric"])) == rule]
+            if not mine:
+                continue
+            mean_stop = sum(float(r["stopped_step"]) for r in mine) / len(mine)
+            lines.append(f"| {rule} | {OBJECTIVE_NAMES[objective]} | {mean_stop:.1f} | "
+                         + " | ".join(_ci(_seed_means(mine, objective, k)) for k in
+                                      ("score_stopped", "score_best", "score_end", "score_peak", "gain")) + " |")
     return "\n".join(lines)
 
 
@@ -739,11 +772,15 @@ def prepare_seed(cfg: KLBudgetStudyConfig, seed: int, gold: Any) -> SeedData:
 
 
 def analyse(cfg: KLBudgetStudyConfig, rows: Sequence[dict[str, Any]]) -> tuple[list, list, list]:
-    """(fits, leads, early-stop rows) of the result rows."""
+    """(fits, leads, early-stop rows) of the result rows. Early stop: the configured rule first, then every
+    other indicator as a ``turn`` rule with the same patience and smoothing (``rule`` column)."""
     fits = [f for o in cfg.objectives if any(r["objective"] == o for r in rows)
             for f in fit_objective(rows, o, cfg.steps_per_epoch)]
-    return (fits, leads(rows, cfg.turn_patience),
-            early_stop_outcomes(rows, cfg.early_stop_metric, cfg.early_stop_mode, cfg.early_stop_patience))
+    rules = [(cfg.early_stop_metric, cfg.early_stop_mode)]
+    rules += [(name, "turn") for name in INDICATORS if (name, "turn") not in rules]
+    stops = [dict(r, rule=f"{metric}/{mode}") for metric, mode in rules
+             for r in early_stop_outcomes(rows, metric, mode, cfg.early_stop_patience, cfg.early_stop_smoothing)]
+    return fits, leads(rows, cfg.turn_patience, cfg.turn_smoothing), stops
 
 
 def write_outputs(cfg: KLBudgetStudyConfig, command: str, wall_s: float) -> dict[str, Any]:
