@@ -381,7 +381,7 @@ def plot_study(summary: Sequence[dict[str, Any]], path: str | Path | None = None
                               (axes[1], "lc_gold", "length-controlled gold")):
         for method in dict.fromkeys(s["method"] for s in summary):
             mine = [s for s in summary if s["method"] == method]
-            x = [s["step"] for s in mine]
+            x = [int(s["step"]) for s in mine]
             y = [float(s[f"{metric}_mean"]) for s in mine]
             (line,) = ax.plot(x, y, marker="o", ms=3, label=method)
             lo, hi = [float(s[f"{metric}_low"]) for s in mine], [float(s[f"{metric}_high"]) for s in mine]
