@@ -163,7 +163,7 @@ def sequence_logps(token_values: Tensor, batch: TokenBatch, *, average: bool = F
 
     Weights are ``batch.token_weights`` (1 everywhere except dense-DPO corrected segments). The mean
     divides by the sum of weights, RLHF-V's normaliser N = |y_u| + gamma |y_c| (Yu et al. 2023,
-    arXiv 2312.00849, eq. 3); a sequence with no scored token gets 0, never NaN.
+    arXiv 2312.00849, eq. 5); a sequence with no scored token gets 0, never NaN.
     """
     w = batch.token_weights.to(token_values.dtype)
     s = batch.num_sequences
