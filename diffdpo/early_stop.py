@@ -17,7 +17,7 @@ watches one logged metric and says when to stop:
 values (it lags the raw curve by about ``(smoothing - 1) / 2`` evaluations). A non-finite value counts
 as not improving. Once it has fired, :meth:`EarlyStopper.update` keeps returning True.
 
-How the trainer uses it (the config section, and the loop's calls)::
+The trainer (:func:`diffdpo.train.run`) reads the ``early_stop`` section of the training config::
 
     early_stop:
       metric: overopt/topk_entropy   # a metric the loop logs (metrics.jsonl), e.g. eval/win_rate, kl/sequence
@@ -26,12 +26,11 @@ How the trainer uses it (the config section, and the loop's calls)::
       min_delta: 0.01
       smoothing: 1
 
-    stopper = EarlyStopper(cfg.early_stop)
-    ...
-    if cfg.early_stop.enabled and cfg.early_stop.metric in logs:     # steps that logged the metric
-        if stopper.update_from(step, logs):
-            break                    # stopper.best_step: the checkpoint to keep
-    # resumable: save stopper.state_dict() with the train state, load_state_dict() on resume
+and feeds the metric to an :class:`EarlyStopper` at every step that logs it (every step for a per-step metric,
+the ``eval_every`` steps for an evaluation metric; missing where it should be is an error naming the logged
+metrics). When it fires, the run stops with a checkpoint (if ``checkpoint_every`` > 0) and the final export;
+``TrainResult.stopped_step`` / ``early_stop_best_step`` say where. The stopper's state is saved with the
+train state, so a resumed run carries on its patience. An empty ``metric`` (the default) is off.
 
 This module is core: it imports no modality.
 """
