@@ -119,3 +119,37 @@ def test_the_shipped_config_loads_and_the_command_exists():
     assert load_train_config(REPO / cfg.train_config).task == "lm"
     args = build_parser().parse_args(["study-length", "--config", str(path), "fast=true"])
     assert args.overrides == ["fast=true"]
+
+
+def _reward_model_folder(path: Path) -> Path:
+    """A seeded one-output Llama sequence classifier with the tiny tokenizer: the gold of a 'real model' run."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from diffdpo.toy.tiny_lm import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=1, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_the_model_branch_runs_on_local_folders(tmp_path):
+    """The real-model keys (model, prompts, eval_prompts, gold_model) on local folders: DPO only, fast."""
+    from diffdpo.toy.tiny_lm import EVAL_SUBJECTS, SUBJECTS, prompt_for
+    from diffdpo.toy.tiny_lm_long import build_long_world
+
+    torch.set_num_threads(1)
+    world = build_long_world(tmp_path / "world", seed=0, sft_steps=20)
+    (tmp_path / "train.txt").write_text("\n".join(prompt_for(s) for s in SUBJECTS))
+    (tmp_path / "eval.txt").write_text("\n".join(prompt_for(s) for s in EVAL_SUBJECTS))
+    cfg = study.LengthStudyConfig(out_dir=str(tmp_path / "study"), model=str(world.model_dir), methods=["dpo"],
+                                  prompts=str(tmp_path / "train.txt"), eval_prompts=str(tmp_path / "eval.txt"),
+                                  gold_model=str(_reward_model_folder(tmp_path / "rm")), fast=True)
+    study.run_length_study(cfg)
+    rows = study.read_results(tmp_path / "study" / "results.csv")
+    assert [(r["method"], r["step"]) for r in rows] == [("dpo", "0"), ("dpo", "2"), ("dpo", "4")]
+    assert all(math.isfinite(float(r["gold"])) for r in rows)

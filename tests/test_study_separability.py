@@ -112,3 +112,28 @@ def test_the_shipped_config_loads_and_the_command_exists():
     assert load_train_config(REPO / cfg.train_config).task == "lm"
     args = build_parser().parse_args(["study-separability", "--config", str(path), "fast=true"])
     assert args.overrides == ["fast=true"]
+
+
+def test_the_model_branch_runs_on_local_folders(tmp_path):
+    """The real-model keys on local folders (the tiny world's model as policy and as stronger generator, a
+    seeded classifier as gold, an adversarial file): both sets run; no style rate outside the tiny world."""
+    import json
+    import math
+
+    from diffdpo.toy.tiny_lm import SUBJECTS, build_world, prompt_for
+    from tests.test_study_length import _reward_model_folder
+
+    torch.set_num_threads(1)
+    world = build_world(tmp_path / "world", seed=0, sft_steps=20)
+    (tmp_path / "train.txt").write_text("\n".join(prompt_for(s) for s in SUBJECTS))
+    (tmp_path / "eval.txt").write_text("\n".join(prompt_for(s) for s in EVAL_SUBJECTS))
+    adversarial = adversarial_pairs(EVAL_SUBJECTS, 2, seed=0)
+    (tmp_path / "adv.jsonl").write_text("".join(json.dumps(r) + "\n" for r in adversarial))
+    cfg = study.SeparabilityStudyConfig(
+        out_dir=str(tmp_path / "study"), model=str(world.model_dir), strong_model=str(world.model_dir),
+        gold_model=str(_reward_model_folder(tmp_path / "rm")), prompts=str(tmp_path / "train.txt"),
+        eval_prompts=str(tmp_path / "eval.txt"), adversarial=str(tmp_path / "adv.jsonl"), fast=True)
+    study.run_separability_study(cfg)
+    rows = study.read_results(tmp_path / "study" / "results.csv")
+    assert [r["set"] for r in rows] == list(study.SETS)
+    assert all(r["robustness_n"] == str(len(adversarial)) and math.isnan(float(r["style_rate"])) for r in rows)
