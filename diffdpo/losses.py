@@ -745,3 +745,126 @@ def grao_loss(
     objective = (advantages * j_exp + beta * ref_answer_advantages.unsqueeze(1) * j_imit
                  + lam * advantages * (j_exp - j_imit))  # [B, G]
     return GroupLossOutput(-objective.mean(dim=1), advantages, ref_answer_advantages, reward_std)
+
+
+# ----------------------------------------------------------------------------------------------
+# AlignDistil: token-level alignment as adaptive policy distillation
+# (Zhang et al. 2025, arXiv 2503.02832; public code songmzhang/AlignDistil, OpenRLHF/openrlhf/trainer/
+# aligndistil_offpolicy_trainer.py lines 189-243 and aligndistil_trainer.py lines 266-325)
+
+AlignDistilMode = Literal["aligndistil", "contrastive", "rlhf", "rlhf_adaptive"]
+ALIGNDISTIL_MODES: tuple[str, ...] = get_args(AlignDistilMode)
+#: Modes whose teacher contrasts the DPO model with the reverse DPO model (the others use the reference).
+ALIGNDISTIL_CONTRASTIVE_MODES: frozenset[str] = frozenset({"aligndistil", "contrastive"})
+#: Modes whose weight is set per token from the total variation distance (the others use beta / beta2).
+ALIGNDISTIL_ADAPTIVE_MODES: frozenset[str] = frozenset({"aligndistil", "rlhf_adaptive"})
+
+
+@dataclass
+class AlignDistilTeacher:
+    """Teacher logits of :func:`aligndistil_teacher` and the per-token weight w (both detached)."""
+
+    logits: Tensor  # (..., V) teacher logits z*
+    weights: Tensor  # (...,) w per token (a constant broadcast for the fixed modes)
+    tvd: Tensor | None  # (...,) sum_v |p_dpo - p_other| in [0, 2]; None for the fixed modes
+
+
+def aligndistil_teacher(
+    dpo_logits: Tensor,
+    *,
+    rev_logits: Tensor | None = None,
+    ref_logits: Tensor | None = None,
+    mode: AlignDistilMode = "aligndistil",
+    beta: float = 0.1,
+    beta2: float = 10.0,
+    eps: float = 1e-3,
+) -> AlignDistilTeacher:
+    """The token-level teacher distribution of AlignDistil, as logits over the full vocabulary.
+
+    Inputs are logits ``(..., V)`` of the same next-token positions from the DPO model (``dpo_logits``),
+    the reverse DPO model trained on swapped pairs (``rev_logits``, contrastive modes) or the reference
+    (``ref_logits``, RLHF modes). With ``p = softmax(z)`` and ``TVD = sum_v |p_dpo - p_other|`` (no 1/2:
+    TVD in [0, 2], as the code computes it):
+
+    * ``aligndistil`` (the paper's method, code ``reward_boost_type="aligndistil"``): the contrastive DPO
+      reward ``beta log(p_dpo / p_rev)`` with token-adaptive logit extrapolation,
+      ``w = beta2 * TVD(p_dpo, p_rev) + eps`` and ``z* = z_dpo + w (z_dpo - z_rev)``. So
+      ``w`` lies in ``[eps, 2 beta2 + eps]``.
+    * ``contrastive`` (code ``theorem1_contrast``): the same teacher with a fixed ``w = beta / beta2``.
+    * ``rlhf`` (code ``theorem1``, the paper's Theorem 1: token-level RLHF with the DPO reward
+      ``beta log(p_dpo / p_ref)`` and KL coefficient beta2 is distillation into
+      ``softmax(w z_dpo + (1 - w) z_ref)``), ``w = beta / beta2``: w = 0 is the reference, w = 1 the DPO model.
+    * ``rlhf_adaptive`` (code ``theorem1_adaptive``): that form with ``w = beta2 * TVD(p_dpo, p_ref) + eps``.
+
+    The distillation loss weighs each token by ``beta / w`` (:func:`aligndistil_token_losses`), which for
+    the fixed modes is the RLHF KL coefficient beta2. Teachers carry no gradient: the output is detached.
+    Defaults are the paper's off-policy settings (beta 0.1, beta2 10; on-policy beta2 15); ``eps`` is the
+    code's 1e-3. ``beta2 = 0`` and ``eps = 0`` in ``aligndistil`` give ``w = 0``: the teacher is the DPO model.
+    """
+    _check_choice("mode", mode, ALIGNDISTIL_MODES)
+    _check_beta(beta)
+    contrastive = mode in ALIGNDISTIL_CONTRASTIVE_MODES
+    other, other_name = (rev_logits, "rev_logits") if contrastive else (ref_logits, "ref_logits")
+    if other is None:
+        raise ValueError(f"mode={mode!r} needs {other_name} (the {'reverse DPO' if contrastive else 'reference'} "
+                         "model's logits)")
+    if not isinstance(dpo_logits, Tensor) or dpo_logits.dim() < 1 or dpo_logits.shape != other.shape:
+        raise ValueError(f"dpo_logits and {other_name} must be tensors of the same shape (..., V), got "
+                         f"{tuple(getattr(dpo_logits, 'shape', ()))} and {tuple(other.shape)}")
+    adaptive = mode in ALIGNDISTIL_ADAPTIVE_MODES
+    if isinstance(beta2, Tensor) or not math.isfinite(beta2) or not (beta2 >= 0 if adaptive else beta2 > 0):
+        raise ValueError(f"beta2 must be a finite Python float {'>= 0' if adaptive else '> 0'}, got beta2={beta2!r}")
+    if isinstance(eps, Tensor) or not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite Python float >= 0, got eps={eps!r}")
+
+    dtype = torch.promote_types(dpo_logits.dtype, torch.float32)  # at least float32 (bf16 logits are upcast)
+    z_dpo, z_other = dpo_logits.detach().to(dtype), other.detach().to(dtype)  # (..., V)
+    tvd = None
+    if adaptive:
+        tvd = (z_dpo.softmax(-1) - z_other.softmax(-1)).abs().sum(-1)  # (...,)
+        w = beta2 * tvd + eps  # (...,)
+    else:
+        w = torch.full(z_dpo.shape[:-1], beta / beta2, dtype=z_dpo.dtype, device=z_dpo.device)
+    wv = w.unsqueeze(-1)  # (..., 1)
+    if contrastive:
+        logits = z_dpo + wv * (z_dpo - z_other)
+    else:
+        logits = wv * z_dpo + (1.0 - wv) * z_other
+    return AlignDistilTeacher(logits, w, tvd)
+
+
+def aligndistil_token_losses(policy_logits: Tensor, teacher_logits: Tensor, weights: Tensor, *,
+                             beta: float = 0.1) -> Tensor:
+    """Per-token AlignDistil loss ``(beta / w) * KL(pi_theta || pi*)`` over the full vocabulary, shape (...,).
+
+    The reverse KL ``sum_v pi(v) (log pi(v) - log pi*(v))`` with pi = softmax(policy_logits) and
+    pi* = softmax(teacher_logits), as the code's ``kd_divergence=rkl`` (both shipped scripts); pi* and w
+    are detached. Differentiable in ``policy_logits`` only. ``w`` must be > 0 (AlignDistil's eps keeps it so).
+    """
+    _check_beta(beta)
+    if policy_logits.shape != teacher_logits.shape or weights.shape != policy_logits.shape[:-1]:
+        raise ValueError(f"policy_logits and teacher_logits must have one shape (..., V) and weights (...,), got "
+                         f"{tuple(policy_logits.shape)}, {tuple(teacher_logits.shape)}, {tuple(weights.shape)}")
+    dtype = torch.promote_types(policy_logits.dtype, torch.float32)  # at least float32 (bf16 logits are upcast)
+    logp = policy_logits.to(dtype).log_softmax(-1)  # (..., V)
+    teacher_logp = teacher_logits.detach().to(dtype).log_softmax(-1)  # (..., V)
+    kl = (logp.exp() * (logp - teacher_logp)).sum(-1)  # (...,)
+    return (beta / weights.detach().to(dtype)) * kl
+
+
+def aligndistil_sequence_losses(token_losses: Tensor, sequence_index: Tensor, num_sequences: int, *,
+                                length_normalize: bool = True) -> Tensor:
+    """Per-sequence losses [S] from per-token losses (M,) of flattened response tokens.
+
+    Summed over each response's tokens and divided by their count (the code's ``--reward_len_norm``, set in
+    both shipped scripts; ``length_normalize=False`` keeps the sum); the caller takes the batch mean.
+    A sequence with no token gets 0.
+    """
+    if token_losses.dim() != 1 or sequence_index.shape != token_losses.shape:
+        raise ValueError(f"token_losses and sequence_index must be (M,), got {tuple(token_losses.shape)} and "
+                         f"{tuple(sequence_index.shape)}")
+    sums = token_losses.new_zeros(num_sequences).index_add(0, sequence_index, token_losses)  # [S]
+    if not length_normalize:
+        return sums
+    counts = token_losses.new_zeros(num_sequences).index_add(0, sequence_index, torch.ones_like(token_losses))
+    return sums / counts.clamp(min=1.0)
