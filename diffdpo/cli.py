@@ -188,6 +188,29 @@ def _register_study_dense(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _register_study_length(sub: argparse._SubParsersAction) -> None:
+    _config_command(
+        sub, "study-length",
+        _run_recipe("diffdpo.recipes.studies.length", "LengthStudyConfig", "run_length_study"),
+        help="length exploitation under a length-biased judge: DPO, IPO, KTO, ORPO, length-regularised DPO, 3 seeds",
+        description="Build best-vs-worst pairs of base samples by a length-biased proxy judge, train each method with "
+        "evaluations every few steps, and write the length ratio to the base, gold and length-controlled gold "
+        "(results.csv, pairs.csv, summary.csv with 95% intervals, length.png, summary.md).",
+    )
+
+
+def _register_study_separability(sub: argparse._SubParsersAction) -> None:
+    _config_command(
+        sub, "study-separability",
+        _run_recipe("diffdpo.recipes.studies.separability", "SeparabilityStudyConfig", "run_separability_study"),
+        help="single-model vs multi-model preference sets: linear separability probes, DPO win rate and robustness",
+        description="Build a single-model set (best vs worst policy samples) and a multi-model set (chosen from a "
+        "stronger generator), probe their separability (hidden states, length, bag of words), train DPO on each and "
+        "measure the gold win rate and robustness on adversarial pairs (results.csv, summary.csv, separability.png, "
+        "summary.md).",
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # train
 
@@ -368,6 +391,8 @@ _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_sim,
     _register_study_dense,
     _register_study_online,
+    _register_study_length,
+    _register_study_separability,
     _register_study_kl_budget,
     _register_train,
 ]
