@@ -92,6 +92,23 @@ def _register_mpo(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _register_aligndistil(sub: argparse._SubParsersAction) -> None:
+    _config_command(
+        sub, "aligndistil", _run_recipe("diffdpo.recipes.aligndistil", "AlignDistilConfig", "run_aligndistil"),
+        help="AlignDistil: train (or load) DPO and reverse DPO models, distil their token-level teacher into the policy",
+        description="Stage A trains a DPO model and a reverse DPO model (pairs swapped) or loads them; stage B distils "
+        "the token-adaptive contrastive teacher into the base model, off-policy (chosen responses) or on-policy (one "
+        "sample per prompt) (Zhang et al. 2025, arXiv 2503.02832); the policy is saved with save_pretrained.",
+    )
+    _config_command(
+        sub, "study-aligndistil",
+        _run_recipe("diffdpo.recipes.aligndistil", "AlignDistilStudyConfig", "run_aligndistil_study"),
+        help="AlignDistil (off/on-policy) vs DPO on the tiny LM world: gold win rate per step, same pairs, 3 seeds",
+        description="Train DPO (evaluated every few steps; also the teacher), a reverse DPO model and AlignDistil off- "
+        "and on-policy per seed, and write results.csv, summary.csv (95% t-intervals per step), study.png, summary.md.",
+    )
+
+
 def _register_modpo_front(sub: argparse._SubParsersAction) -> None:
     _config_command(
         sub, "modpo-front", _run_recipe("diffdpo.recipes.modpo", "ModpoFrontConfig", "run_modpo_front"),
@@ -377,6 +394,7 @@ def _register_sim(sub: argparse._SubParsersAction) -> None:
 
 
 _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _register_aligndistil,
     _register_demo,
     _register_dso,
     _register_eval,
