@@ -33,21 +33,26 @@ def test_error_and_well_formed_checks():
 
 
 def _rows(method: str, rates: list[float], n: int = 100) -> list[dict]:
-    return [{"method": method, "seed": s, "errors": round(r * n), "n": n, "error_rate": r, "well_formed_rate": 1.0,
-             "kl": 0.5, "positive_rate": 0.5} for s, r in enumerate(rates)]
+    return [{"method": method, "seed": s, "errors": round(r * n), "n": n, "error_rate": r, "good_rate": 1 - r,
+             "well_formed_rate": 1.0, "kl": 0.5, "positive_rate": 0.5} for s, r in enumerate(rates)]
 
 
 def test_the_summary_by_hand():
     """dpo error rates 0.2, 0.3, 0.4; dense 0.1, 0.1, 0.25 -> paired differences -0.1, -0.2, -0.15:
     mean -0.15, sd = sqrt((0.0025 + 0.0025 + 0) / 2) = 0.05, half-width 4.30265 * 0.05 / sqrt(3) = 0.12421
-    -> [-0.27421, -0.02579]. dpo's own: mean 0.3, sd 0.1, half-width 0.24841; pooled 90/300 = 0.3."""
-    dpo, dense = study.summarise(_rows("dpo", [0.2, 0.3, 0.4]) + _rows("dense_spans", [0.1, 0.1, 0.25]))
+    -> [-0.27421, -0.02579] (good rates 1 - error: +0.15 [0.02579, 0.27421]). dpo's own: mean 0.3, sd 0.1,
+    half-width 0.24841; pooled 90/300 = 0.3. dense_spans_mean pairs with dpo_mean, absent here: no difference."""
+    rows = (_rows("dpo", [0.2, 0.3, 0.4]) + _rows("dense_spans", [0.1, 0.1, 0.25])
+            + _rows("dense_spans_mean", [0.1, 0.1, 0.1]))
+    dpo, dense, dense_mean = study.summarise(rows)
     assert (dpo["error_rate_t_low"], dpo["error_rate_t_high"]) == pytest.approx((0.05159, 0.54841), abs=1e-4)
-    assert dpo["pooled_error_rate"] == pytest.approx(0.3) and dpo["vs_dpo_mean"] == 0.0
-    assert dense["vs_dpo_mean"] == pytest.approx(-0.15)
-    assert (dense["vs_dpo_t_low"], dense["vs_dpo_t_high"]) == pytest.approx((-0.27421, -0.02579), abs=1e-4)
+    assert dpo["pooled_error_rate"] == pytest.approx(0.3) and dpo["vs_plain_error_mean"] == 0.0
+    assert dense["plain"] == "dpo" and dense["vs_plain_error_mean"] == pytest.approx(-0.15)
+    assert (dense["vs_plain_error_t_low"], dense["vs_plain_error_t_high"]) == pytest.approx((-0.27421, -0.02579), abs=1e-4)
+    assert (dense["vs_plain_good_t_low"], dense["vs_plain_good_t_high"]) == pytest.approx((0.02579, 0.27421), abs=1e-4)
+    assert dense_mean["plain"] == "dpo_mean" and math.isnan(dense_mean["vs_plain_error_mean"])
     (alone,) = study.summarise(_rows("dense_spans", [0.1]))
-    assert math.isnan(alone["vs_dpo_mean"]) and math.isnan(alone["error_rate_t_low"])
+    assert math.isnan(alone["error_rate_t_low"])
 
 
 def test_method_overrides_and_bad_configs():

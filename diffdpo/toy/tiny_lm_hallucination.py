@@ -153,7 +153,7 @@ def build_world(root: str | Path, *, seed: int = 0, n_pairs: int = 512, sft_step
 def evaluate_errors(model: Any, tokenizer: Any, *, samples_per_prompt: int, seed: int, max_new_tokens: int = 16,
                     ref_model: Any | None = None) -> dict[str, float]:
     """Error rate (share of sampled held-out reviews with a wrong word), well-formed rate (:func:`well_formed`),
-    positive rate, mean words, and with
+    good rate (well-formed and without a wrong word), positive rate, mean words, and with
     ``ref_model`` the KL(model || ref_model) per completion (analytic estimator on the same samples)."""
     import torch
 
@@ -167,6 +167,7 @@ def evaluate_errors(model: Any, tokenizer: Any, *, samples_per_prompt: int, seed
     errors = sum(has_error(t) for t in texts)
     out = {"eval/errors": float(errors), "eval/n": float(len(texts)), "eval/error_rate": errors / len(texts),
            "eval/well_formed_rate": sum(well_formed(t) for t in texts) / len(texts),
+           "eval/good_rate": sum(well_formed(t) and not has_error(t) for t in texts) / len(texts),
            "eval/positive_rate": sum(tiny.judge(t) > 0 for t in texts) / len(texts),
            "eval/length_words": sum(len(t.split()) for t in texts) / len(texts)}
     if ref_model is not None:

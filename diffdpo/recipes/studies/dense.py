@@ -9,10 +9,11 @@ optimiser for all), samples held-out reviews from each trained policy and from t
   with its Wilson 95% interval, the well-formed rate (reviews of the world's grammar: a policy that breaks down
   writes no wrong word but no review either), the positive rate, mean words, and the KL to the base (analytic,
   nats per completion);
-* ``summary.csv``: per method, the mean error rate over seeds with a 95% t-interval, the pooled error rate with
-  its Wilson interval, the mean paired difference to plain DPO (same seed) with a 95% t-interval, the mean
-  well-formed rate and KL with 95% t-intervals, the mean positive rate;
-* ``study.png``: error rate per method with the 95% t-intervals; ``summary.md``: the table and the command.
+* ``summary.csv``: per method, the mean error, good (well-formed and error-free) and well-formed rates and KL
+  over seeds with 95% t-intervals, the pooled error rate with its Wilson interval, and the paired differences
+  (same seed) of error and good rates to the plain DPO of the same normalisation, with 95% t-intervals;
+* ``study.png``: error, good and well-formed rates per method with the 95% t-intervals; ``summary.md``: the
+  table and the command.
 
 Methods (Yu et al. 2023, "RLHF-V", arXiv 2312.00849, eq. 5; gamma = ``gamma``, 5 as in the paper):
 
@@ -54,11 +55,12 @@ METHODS: dict[str, tuple[str | None, bool]] = {
 }
 
 RESULT_COLUMNS = ["method", "seed", "steps", "pairs", "errors", "n", "error_rate", "error_low", "error_high",
-                  "well_formed_rate", "positive_rate", "length_words", "kl"]
+                  "good_rate", "well_formed_rate", "positive_rate", "length_words", "kl"]
 SUMMARY_COLUMNS = ["method", "seeds", "error_rate_mean", "error_rate_t_low", "error_rate_t_high", "errors", "n",
-                   "pooled_error_rate", "pooled_wilson_low", "pooled_wilson_high", "vs_dpo_mean", "vs_dpo_t_low",
-                   "vs_dpo_t_high", "well_formed_mean", "well_formed_t_low", "well_formed_t_high", "kl_mean", "kl_t_low",
-                   "kl_t_high", "positive_rate_mean"]
+                   "pooled_error_rate", "pooled_wilson_low", "pooled_wilson_high", "plain", "vs_plain_error_mean",
+                   "vs_plain_error_t_low", "vs_plain_error_t_high", "good_mean", "good_t_low", "good_t_high",
+                   "vs_plain_good_mean", "vs_plain_good_t_low", "vs_plain_good_t_high", "well_formed_mean",
+                   "well_formed_t_low", "well_formed_t_high", "kl_mean", "kl_t_low", "kl_t_high", "positive_rate_mean"]
 
 
 @dataclass
@@ -142,7 +144,8 @@ def _row(cfg: DenseStudyConfig, method: str, seed: int, ev: dict[str, float]) ->
     trained = method != "base"
     return {"method": method, "seed": seed, "steps": cfg.steps if trained else 0,
             "pairs": cfg.steps * cfg.per_device_batch_size if trained else 0, "errors": errors, "n": n,
-            "error_rate": errors / n, "error_low": low, "error_high": high, "well_formed_rate": ev["eval/well_formed_rate"],
+            "error_rate": errors / n, "error_low": low, "error_high": high, "good_rate": ev["eval/good_rate"],
+            "well_formed_rate": ev["eval/well_formed_rate"],
             "positive_rate": ev["eval/positive_rate"], "length_words": ev["eval/length_words"],
             "kl": ev.get("eval/kl", 0.0)}
 
@@ -168,40 +171,55 @@ def run_seed(cfg: DenseStudyConfig, seed: int) -> list[dict[str, Any]]:
 # summary
 
 
+def plain_of(method: str) -> str | None:
+    """The plain DPO with the same normalisation as ``method`` (its paired baseline); None for the base."""
+    if method == "base":
+        return None
+    return "dpo_mean" if METHODS[method][1] else "dpo"
+
+
+def _paired(rows: list[dict[str, Any]], mine: list[dict[str, Any]], plain: str | None, key: str
+            ) -> tuple[float, float, float]:
+    """Mean and 95% t-interval of ``key`` minus the plain method's on the same seed."""
+    theirs = {int(r["seed"]): float(r[key]) for r in rows if r["method"] == plain}
+    diffs = [float(r[key]) - theirs[int(r["seed"])] for r in mine if int(r["seed"]) in theirs]
+    return t_interval(diffs) if diffs else (math.nan, math.nan, math.nan)
+
+
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per method (first-seen order): t-intervals over seeds, pooled Wilson interval, paired difference to dpo."""
+    """Per method (first-seen order): t-intervals over seeds, the pooled Wilson interval of the error rate, and
+    the paired differences (same seed) of error and good rates to the plain DPO of the same normalisation."""
     from diffdpo.eval.winrate import wilson_interval
 
-    dpo = {int(r["seed"]): float(r["error_rate"]) for r in rows if r["method"] == "dpo"}
     out = []
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
         errors, n = sum(int(r["errors"]) for r in mine), sum(int(r["n"]) for r in mine)
-        mean, low, high = t_interval([float(r["error_rate"]) for r in mine])
-        diffs = [float(r["error_rate"]) - dpo[int(r["seed"])] for r in mine if int(r["seed"]) in dpo]
-        d_mean, d_low, d_high = t_interval(diffs) if diffs else (math.nan, math.nan, math.nan)
-        kl, kl_low, kl_high = t_interval([float(r["kl"]) for r in mine])
-        wf, wf_low, wf_high = t_interval([float(r["well_formed_rate"]) for r in mine])
         p_low, p_high = wilson_interval(errors, n)
-        out.append({"method": method, "seeds": len(mine), "error_rate_mean": mean, "error_rate_t_low": low,
-                    "error_rate_t_high": high, "errors": errors, "n": n, "pooled_error_rate": errors / n,
-                    "pooled_wilson_low": p_low, "pooled_wilson_high": p_high, "vs_dpo_mean": d_mean,
-                    "vs_dpo_t_low": d_low, "vs_dpo_t_high": d_high, "well_formed_mean": wf, "well_formed_t_low": wf_low,
-                    "well_formed_t_high": wf_high, "kl_mean": kl, "kl_t_low": kl_low,
-                    "kl_t_high": kl_high,
-                    "positive_rate_mean": sum(float(r["positive_rate"]) for r in mine) / len(mine)})
+        s: dict[str, Any] = {"method": method, "seeds": len(mine), "errors": errors, "n": n,
+                             "pooled_error_rate": errors / n, "pooled_wilson_low": p_low, "pooled_wilson_high": p_high,
+                             "plain": plain_of(method) or "",
+                             "positive_rate_mean": sum(float(r["positive_rate"]) for r in mine) / len(mine)}
+        for name, key in (("error_rate", "error_rate"), ("good", "good_rate"), ("well_formed", "well_formed_rate"),
+                          ("kl", "kl")):
+            s[f"{name}_mean"], s[f"{name}_t_low"], s[f"{name}_t_high"] = t_interval([float(r[key]) for r in mine])
+        for name, key in (("error", "error_rate"), ("good", "good_rate")):
+            d = _paired(rows, mine, plain_of(method), key)
+            s[f"vs_plain_{name}_mean"], s[f"vs_plain_{name}_t_low"], s[f"vs_plain_{name}_t_high"] = d
+        out.append(s)
     return out
 
 
 def plot_study(summary: list[dict[str, Any]], path: str | Path | None = None) -> Any:
-    """Error rate and well-formed rate per method, 95% error bars (t over seeds; Wilson / none with one seed)."""
+    """Error, good and well-formed rates per method, 95% error bars (t over seeds; Wilson / none with one seed)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4))
+    fig = Figure(figsize=(13, 4))
     names = [s["method"] for s in summary]
-    for k, (key, label) in enumerate((("error_rate", "share of sampled reviews with a wrong word"),
-                                      ("well_formed", "share of well-formed reviews"))):
-        ax = fig.add_subplot(1, 2, k + 1)
+    panels = (("error_rate", "with a wrong word"), ("good", "well-formed, no wrong word"),
+              ("well_formed", "well-formed (with or without)"))
+    for k, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(1, 3, k + 1)
         for i, s in enumerate(summary):
             y = s[f"{key}_mean"]
             low, high = s[f"{key}_t_low"], s[f"{key}_t_high"]
@@ -210,7 +228,7 @@ def plot_study(summary: list[dict[str, Any]], path: str | Path | None = None) ->
             ax.bar(i, y, color="grey" if s["method"] == "base" else f"C{i}", alpha=0.8)
             ax.errorbar(i, y, yerr=[[y - low], [high - y]], fmt="none", ecolor="black", capsize=4)
         ax.set_xticks(range(len(names)), names, rotation=30, fontsize=7)
-        ax.set_ylabel(label, fontsize=8)
+        ax.set_ylabel(f"share of sampled reviews: {label}", fontsize=8)
     fig.suptitle("tiny hallucination world, equal steps (95% intervals over seeds)", fontsize=9)
     fig.tight_layout()
     if path is not None:
@@ -222,15 +240,18 @@ def _markdown(cfg: DenseStudyConfig, summary: list[dict[str, Any]]) -> str:
     def f(x: float) -> str:
         return "n/a" if math.isnan(x) else f"{x:.3f}"
 
-    lines = ["| method | seeds | error rate (mean, 95% t) | pooled errors/n (Wilson 95%) | vs dpo (paired, 95% t) | "
-             "well-formed (mean, 95% t) | KL to base (mean, 95% t) | positive rate |", "|---|---|---|---|---|---|---|---|"]
+    def ci(s: dict[str, Any], name: str) -> str:
+        return f"{f(s[name + '_mean'])} [{f(s[name + '_t_low'])}, {f(s[name + '_t_high'])}]"
+
+    lines = ["| method | error rate | minus plain DPO (paired) | pooled errors/n [Wilson] | good rate | "
+             "minus plain DPO (paired) | well-formed | KL to base | positive rate |", "|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        lines.append(f"| {s['method']} | {s['seeds']} | {f(s['error_rate_mean'])} [{f(s['error_rate_t_low'])}, "
-                     f"{f(s['error_rate_t_high'])}] | {s['errors']}/{s['n']} [{f(s['pooled_wilson_low'])}, "
-                     f"{f(s['pooled_wilson_high'])}] | {f(s['vs_dpo_mean'])} [{f(s['vs_dpo_t_low'])}, "
-                     f"{f(s['vs_dpo_t_high'])}] | {f(s['well_formed_mean'])} [{f(s['well_formed_t_low'])}, "
-                     f"{f(s['well_formed_t_high'])}] | {f(s['kl_mean'])} [{f(s['kl_t_low'])}, {f(s['kl_t_high'])}] | "
-                     f"{f(s['positive_rate_mean'])} |")
+        lines.append(f"| {s['method']} | {ci(s, 'error_rate')} | {ci(s, 'vs_plain_error')} | {s['errors']}/{s['n']} "
+                     f"[{f(s['pooled_wilson_low'])}, {f(s['pooled_wilson_high'])}] | {ci(s, 'good')} | "
+                     f"{ci(s, 'vs_plain_good')} | {ci(s, 'well_formed')} | {ci(s, 'kl')} | {f(s['positive_rate_mean'])} |")
+    lines += ["", f"Means over {summary[0]['seeds']} seeds with 95% t-intervals; paired differences against the plain "
+              "DPO of the same normalisation (dpo for summed, dpo_mean for averaged methods), same seed. Error rate: "
+              "share of sampled held-out reviews with a wrong word; good rate: well-formed and without one."]
     lines += ["", f"{cfg.steps} steps x {cfg.per_device_batch_size} pairs per method and seed; gamma {cfg.gamma}, "
               f"beta {cfg.beta} (summed), {cfg.beta_average} (averaged).", "",
               "Command: `diffdpo study-dense --config configs/study_dense_tiny.yaml`", "",
