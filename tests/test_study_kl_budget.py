@@ -75,6 +75,7 @@ def test_the_fit_recovers_known_coefficients_and_the_peak():
     assert log["r2"] == pytest.approx(1.0) and log["rmse"] == pytest.approx(0.0, abs=1e-9)
     assert log["kl_peak"] == pytest.approx(math.e) and log["kl_at_epoch"] == pytest.approx(4.0)
     assert log["peak_before_epoch_fit"] is True
+    assert (log["kl_peak_low"], log["kl_peak_high"]) == pytest.approx((math.e, math.e))  # exact points: no spread
     assert quad["r2"] < 1.0  # the other form does not fit these points exactly
     assert (log["runs"], log["runs_peak_before_epoch"]) == (3, 3)
     assert log["peak_epoch_median"] == pytest.approx(8 / 12)

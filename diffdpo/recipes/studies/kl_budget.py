@@ -69,7 +69,8 @@ INDICATORS = {"topk_entropy_bits": "top-10 entropy (bits)", "topk_mass": "top-10
 RESULT_COLUMNS = ["objective", "beta", "seed", "step", "epoch", "kl", "kl_stderr", "kl_k1", "kl_k3", "wins", "ties",
                   "losses", "n", "win_rate", "win_rate_low", "win_rate_high", "win_score", "topk_entropy_bits",
                   "topk_mass", "gen_length", "chosen_logp", "rejected_logp", "margin", "accuracy"]
-FIT_COLUMNS = ["objective", "form", "n", "alpha", "b", "r2", "rmse", "kl_peak", "d_peak", "r_peak", "kl_at_epoch",
+FIT_COLUMNS = ["objective", "form", "n", "alpha", "b", "r2", "rmse", "kl_peak", "kl_peak_low", "kl_peak_high", "d_peak",
+               "r_peak", "kl_at_epoch",
                "peak_before_epoch_fit", "runs", "runs_peak_before_epoch", "peak_epoch_median"]
 LEAD_COLUMNS = ["objective", "beta", "seed", "gold_peak_step", "gold_peak_score", "indicator", "direction",
                 "turn_step", "lead_steps"]
@@ -467,8 +468,10 @@ def early_stop_outcomes(rows: Sequence[dict[str, Any]], metric: str, mode: str, 
     return out
 
 
-def fit_objective(rows: Sequence[dict[str, Any]], objective: str, steps_per_epoch: int) -> list[dict[str, Any]]:
-    """Both scaling-law forms fitted to one objective's (KL, win score) points, pooled over betas and seeds."""
+def fit_objective(rows: Sequence[dict[str, Any]], objective: str, steps_per_epoch: int, bootstrap: int = 1000
+                  ) -> list[dict[str, Any]]:
+    """Both scaling-law forms fitted to one objective's (KL, win score) points, pooled over betas and seeds; the
+    KL at the peak with a 95% percentile bootstrap interval over points (``bootstrap`` resamples, 0 = none)."""
     from diffdpo.eval.scaling import fit_scaling_law
 
     mine = [r for r in rows if r["objective"] == objective]
@@ -481,9 +484,11 @@ def fit_objective(rows: Sequence[dict[str, Any]], objective: str, steps_per_epoc
     before = sum(p < steps_per_epoch for p in peaks)
     out = []
     for form in ("log", "quadratic"):
-        fit = fit_scaling_law(kl, score, form=form, offset=0.5).to_dict()
+        fit = fit_scaling_law(kl, score, form=form, offset=0.5, bootstrap=bootstrap, seed=0).to_dict()
+        low, high = fit.get("kl_peak_ci", (math.nan, math.nan))
         out.append({"objective": objective, "form": form, "n": fit["n"], "alpha": fit["alpha"], "b": fit["b"],
-                    "r2": fit["r2"], "rmse": fit["rmse"], "kl_peak": fit["kl_peak"], "d_peak": fit["d_peak"],
+                    "r2": fit["r2"], "rmse": fit["rmse"], "kl_peak": fit["kl_peak"], "kl_peak_low": low,
+                    "kl_peak_high": high, "d_peak": fit["d_peak"],
                     "r_peak": fit["r_peak"], "kl_at_epoch": kl_epoch,
                     "peak_before_epoch_fit": bool(fit["kl_peak"] < kl_epoch), "runs": len(peaks),
                     "runs_peak_before_epoch": before,
@@ -662,11 +667,12 @@ def _ci(values: Sequence[float], digits: int = 3) -> str:
 def summary_tables(cfg: KLBudgetStudyConfig, fits: Sequence[dict[str, Any]], lead_rows: Sequence[dict[str, Any]],
                    stops: Sequence[dict[str, Any]]) -> str:
     """The markdown tables of summary.md: fits, leads per objective and indicator, early stop."""
-    lines = ["| objective | form | n | alpha | b | R^2 | RMSE | KL at peak | mean KL at 1 epoch | fitted peak before 1 epoch "
+    lines = ["| objective | form | n | alpha | b | R^2 | RMSE | KL at peak (95% bootstrap) | mean KL at 1 epoch | fitted peak before 1 epoch "
              "| runs peaking before 1 epoch | median peak (epochs) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for f in fits:
         lines.append(f"| {OBJECTIVE_NAMES[f['objective']]} | {f['form']} | {f['n']} | {_f(f['alpha'])} | {_f(f['b'])} | "
-                     f"{_f(f['r2'])} | {_f(f['rmse'])} | {_f(f['kl_peak'])} | {_f(f['kl_at_epoch'])} | "
+                     f"{_f(f['r2'])} | {_f(f['rmse'])} | {_f(f['kl_peak'])} [{_f(f['kl_peak_low'])}, {_f(f['kl_peak_high'])}] | "
+                     f"{_f(f['kl_at_epoch'])} | "
                      f"{'yes' if str(f['peak_before_epoch_fit']) == 'True' else 'no'} | "
                      f"{f['runs_peak_before_epoch']}/{f['runs']} | {_f(f['peak_epoch_median'], 2)} |")
     lines += ["", "Indicator turns vs the gold peak (lead = gold-peak step - turn step; > 0: the indicator turned first). "
