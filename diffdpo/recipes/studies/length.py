@@ -38,6 +38,8 @@ from typing import Any
 
 from diffdpo.config import help_meta
 from diffdpo.recipes.studies.common import read_csv, t_interval, write_csv
+from diffdpo.recipes.studies.online import world_root  # seed 0: world, seed s: <world>_seed<s>
+from diffdpo.rewards.lm import n_words
 
 read_results = read_csv  # the name the notebook and tests use
 
@@ -134,10 +136,6 @@ def repo_path(path: str) -> Path:
     return Path(__file__).resolve().parents[3] / p
 
 
-def world_root(world: str, seed: int) -> Path:
-    return Path(world) if seed == 0 else Path(f"{world}_seed{seed}")
-
-
 def load_lm(path: str | Path, device: Any = "cpu") -> tuple[Any, Any]:
     """(model in eval mode on ``device``, tokenizer) from a local folder or hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -198,12 +196,6 @@ def method_overrides(method: str, loss_type: str, extra: Sequence[str], *, model
 # the study
 
 
-def n_words(text: str) -> int:
-    from diffdpo.rewards.lm import n_words as words
-
-    return words(text)
-
-
 def lc_gold(gold: float, words: float, ref_words: float) -> float:
     """CheXalign's length-controlled score: ``gold / max(words / ref_words, 1)``; longer than the reference
     divides the score by the length ratio, shorter leaves it as it is."""
@@ -226,7 +218,7 @@ def build_base(cfg: LengthStudyConfig, seed: int) -> Base:
     from diffdpo.toy.tiny_lm import EVAL_SUBJECTS, SUBJECTS, prompt_for
     from diffdpo.toy.tiny_lm_long import build_long_world, mean_sentiment
 
-    world = build_long_world(world_root(cfg.world, seed), seed=seed, sft_steps=cfg.sft_steps)
+    world = build_long_world(world_root(cfg, seed), seed=seed, sft_steps=cfg.sft_steps)
     return Base(str(world.model_dir), [prompt_for(s) for s in SUBJECTS], [prompt_for(s) for s in EVAL_SUBJECTS],
                 ProgramJudge(lambda prompt, completion: mean_sentiment(completion), name="mean sentiment"))
 

@@ -42,9 +42,10 @@ from diffdpo.recipes.studies.length import (
     load_lm,
     method_overrides,
     train_with_evals,
-    world_root,
     write_jsonl,
 )
+from diffdpo.recipes.studies.online import world_root
+from diffdpo.rewards.lm import n_words
 
 read_results = read_csv
 
@@ -139,7 +140,7 @@ def build(cfg: SeparabilityStudyConfig, seed: int) -> World:
     from diffdpo.toy.tiny_lm_judge import TinyWorldJudge
     from diffdpo.toy.tiny_lm_style import adversarial_pairs, style_review
 
-    world = build_world(world_root(cfg.world, seed), seed=seed, sft_steps=cfg.sft_steps)
+    world = build_world(world_root(cfg, seed), seed=seed, sft_steps=cfg.sft_steps)
 
     def strong(prompts: list[str], s: int) -> list[str]:
         rng = random.Random(s)
@@ -222,7 +223,6 @@ def implicit_reward_accuracy(policy: Any, base: Any, tokenizer: Any, pairs: list
 def style_and_length(policy: Any, tokenizer: Any, world: World, cfg: SeparabilityStudyConfig) -> tuple[float, float]:
     """Tiny world: share of the policy's held-out samples in the stronger generator's form, mean words."""
     from diffdpo.lm.generate import sample_completions
-    from diffdpo.rewards.lm import n_words
 
     comps = sample_completions(policy, tokenizer, world.eval_prompts, n=cfg.eval_samples_per_prompt,
                                max_new_tokens=cfg.max_new_tokens, seed=cfg.eval_seed)
@@ -238,7 +238,7 @@ def run_seed(cfg: SeparabilityStudyConfig, seed: int) -> list[dict[str, Any]]:
     """Both sets of one seed: data, probes, DPO, evaluations."""
     import torch
 
-    from diffdpo.rewards.lm import BradleyTerryPreference, n_words
+    from diffdpo.rewards.lm import BradleyTerryPreference
 
     world = build(cfg, seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
