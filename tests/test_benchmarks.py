@@ -36,3 +36,19 @@ def test_online_lm_benchmark_runs_both_sides(tmp_path, capsys):
         assert res["trl"]["pairs_per_cpu_s"] > 0 and res["trl"]["peak_rss_mib"] > 0
         assert res["ours"]["pairs"] == res["trl"]["pairs"] == 2 * 4
         assert res["goal_met"] in (True, False) and "goal" in printed
+
+
+def test_aligndistil_benchmark_runs_both_sides_on_the_same_model(tmp_path, capsys):
+    from benchmarks.bench_aligndistil import main
+
+    out = tmp_path / "aligndistil.json"
+    assert main(["--tiny", "--work", str(tmp_path / "work"), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    for side in ("dpo", "aligndistil"):
+        assert res[side]["tokens_per_s"] > 0 and res[side]["pairs"] == 2 * 4 and res[side]["peak_abs_mib"] > 0
+    assert res["dpo"]["vocab"] == res["aligndistil"]["vocab"] and res["dpo"]["parameters"] == res["aligndistil"]["parameters"]
+    # DPO trains on chosen + rejected tokens, AlignDistil on chosen only: fewer tokens per pair
+    assert res["aligndistil"]["response_tokens"] < res["dpo"]["response_tokens"]
+    assert res["ratio_tokens_per_s"] == res["aligndistil"]["tokens_per_s"] / res["dpo"]["tokens_per_s"]
+    assert "ratio AD/DPO" in printed and "AlignDistil" in printed
