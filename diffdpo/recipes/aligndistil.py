@@ -423,6 +423,8 @@ class AlignDistilStudyConfig:
     beta2_off: float = field(default=10.0, metadata=help_meta("AlignDistil beta2, off-policy (paper 10)"))
     beta2_on: float = field(default=15.0, metadata=help_meta("AlignDistil beta2, on-policy (paper 15)"))
     lr: float = field(default=1.5e-3, metadata=help_meta("AlignDistil learning rate (DPO: the config's, 1.5e-3 shipped)"))
+    teacher_steps: int = field(default=0, metadata=help_meta(
+        "steps of the teachers (DPO and reverse DPO); 0 = steps (the DPO baseline run is the teacher)"))
     fast: bool = field(default=False, metadata=help_meta("tests: first seed only, 2 steps of 4, 4 comparisons per prompt"))
 
     def __post_init__(self) -> None:
@@ -434,8 +436,10 @@ class AlignDistilStudyConfig:
         if self.fast:
             self.seeds, self.steps, self.batch_size, self.eval_every = self.seeds[:1], 2, 4, 1
             self.eval_samples_per_prompt, self.max_new_tokens = 4, 8
-        if min(self.steps, self.batch_size, self.eval_every, self.eval_samples_per_prompt) < 1:
-            raise ValueError("steps, batch_size, eval_every and eval_samples_per_prompt must be >= 1")
+        if self.fast and self.teacher_steps:
+            self.teacher_steps = 1
+        if self.teacher_steps < 0 or min(self.steps, self.batch_size, self.eval_every, self.eval_samples_per_prompt) < 1:
+            raise ValueError("steps, batch_size, eval_every and eval_samples_per_prompt must be >= 1, teacher_steps >= 0")
 
 
 def _seed_runs(cfg: AlignDistilStudyConfig, seed: int) -> list[dict[str, Any]]:
@@ -471,8 +475,12 @@ def _seed_runs(cfg: AlignDistilStudyConfig, seed: int) -> list[dict[str, Any]]:
     rows += [{"method": "dpo", "seed": seed, **e} for e in evals]
     distil = [m for m in cfg.methods if m != "dpo"]
     if distil:
+        teacher = acfg
+        if cfg.teacher_steps and cfg.teacher_steps != cfg.steps:  # teachers of their own length
+            teacher = AlignDistilConfig(**{**asdict(acfg), "optim": acfg.optim, "dpo_steps": cfg.teacher_steps})
+            dpo_dir, _ = train_dpo(dpo_train_config(teacher, world.pairs, world.model_dir, root / "teacher_dpo"))
         reverse = write_reverse_pairs(world.pairs, root / "reverse_pairs.jsonl")
-        rev_dir, _ = train_dpo(dpo_train_config(acfg, reverse, world.model_dir, root / "reverse_dpo"))
+        rev_dir, _ = train_dpo(dpo_train_config(teacher, reverse, world.model_dir, root / "reverse_dpo"))
     for method in distil:
         policy = "off" if method == "aligndistil_off" else "on"
         mcfg = AlignDistilConfig(**{**asdict(acfg), "optim": acfg.optim, "output_dir": str(root / method),
@@ -550,9 +558,12 @@ def _study_markdown(cfg: AlignDistilStudyConfig, summary: list[dict[str, Any]], 
         lines.append(f"| {step} | " + " | ".join(parts) + " |")
     lines += ["", "| method | mean win rate over steps | final | first step >= 95% of DPO's final |", "|---|---|---|---|"]
     lines += [f"| {c['method']} | {f(c['auc'])} | {f(c['final'])} | {c['first_step_at_target'] or 'never'} |" for c in conv]
-    lines += ["", f"{len(cfg.seeds)} seeds; {cfg.steps} steps x {cfg.batch_size} pairs per method; "
+    teacher = cfg.teacher_steps or cfg.steps
+    lines += ["", f"{len(cfg.seeds)} seeds; {cfg.steps} steps x {cfg.batch_size} pairs per method; teachers (DPO and "
+              f"reverse DPO) trained {teacher} steps; "
               f"{cfg.eval_samples_per_prompt} comparisons per held-out prompt every {cfg.eval_every} steps.", "",
-              "Command: `diffdpo study-aligndistil --config configs/study_aligndistil_tiny.yaml`", "",
+              "Command: `diffdpo study-aligndistil --config configs/study_aligndistil_tiny.yaml"
+              + (f" teacher_steps={cfg.teacher_steps}`" if cfg.teacher_steps else "`"), "",
               f"Config: `{json.dumps(asdict(cfg))}`", ""]
     return "\n".join(lines)
 
