@@ -210,8 +210,10 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def plot_study(summary: list[dict[str, Any]], path: str | Path | None = None) -> Any:
-    """Error, good and well-formed rates per method, 95% error bars (t over seeds; Wilson / none with one seed)."""
+def plot_study(summary: list[dict[str, Any]], path: str | Path | None = None,
+               rows: list[dict[str, Any]] | None = None) -> Any:
+    """Error, good and well-formed rates per method, 95% error bars (t over seeds; Wilson / none with one seed),
+    and with ``rows`` (results.csv) each seed's value as a dot; saved to ``path`` if given."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 4))
@@ -227,9 +229,12 @@ def plot_study(summary: list[dict[str, Any]], path: str | Path | None = None) ->
                 low, high = ((s["pooled_wilson_low"], s["pooled_wilson_high"]) if key == "error_rate" else (y, y))
             ax.bar(i, y, color="grey" if s["method"] == "base" else f"C{i}", alpha=0.8)
             ax.errorbar(i, y, yerr=[[y - low], [high - y]], fmt="none", ecolor="black", capsize=4)
+            seeds = [float(r[f"{key}_rate" if key != "error_rate" else key]) for r in rows or []
+                     if r["method"] == s["method"]]
+            ax.plot([i] * len(seeds), seeds, "o", color="black", markersize=3)
         ax.set_xticks(range(len(names)), names, rotation=30, fontsize=7)
         ax.set_ylabel(f"share of sampled reviews: {label}", fontsize=8)
-    fig.suptitle("tiny hallucination world, equal steps (95% intervals over seeds)", fontsize=9)
+    fig.suptitle("tiny hallucination world, equal steps: mean, 95% t-interval over seeds, dots = seeds", fontsize=9)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
@@ -273,6 +278,6 @@ def run_dense_study(cfg: DenseStudyConfig) -> list[dict[str, Any]]:
         write_csv(out / "results.csv", rows, RESULT_COLUMNS)  # after every seed: a crash keeps the rest
     summary = summarise(rows)
     write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
-    plot_study(summary, out / "study.png")
+    plot_study(summary, out / "study.png", rows)
     (out / "summary.md").write_text(_markdown(cfg, summary))
     return summary
