@@ -519,6 +519,7 @@ def plot_study(summary: list[dict[str, Any]], path: str | Path | None = None) ->
         if all(s["seeds"] > 1 for s in mine):
             ax.fill_between(steps, [s["win_rate_t_low"] for s in mine], [s["win_rate_t_high"] for s in mine], alpha=0.2)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_ylim(-0.02, 1.02)  # a t-band over 3 seeds can leave [0, 1]; the CSV keeps its bounds
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("gold win rate vs base (ties = non-wins)")
     ax.set_title("tiny world: AlignDistil vs DPO, same pairs (95% t-bands)")
