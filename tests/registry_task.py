@@ -65,4 +65,5 @@ def _build(cfg: ScalarConfig, context: TaskContext) -> Any:
 
 
 SPEC = register_task(TaskSpec("scalar", ScalarConfig, _build, default_beta=2.0,
-                              description="a one-parameter task of the tests"))
+                              description="a one-parameter task of the tests"),
+                     replace=True)  # a test may drop this module from sys.modules; its re-import registers anew
