@@ -316,15 +316,26 @@ class ControlLMTask(LMPreferenceTask):
     def export(self, out_dir: Path) -> None:
         """``save_pretrained`` model (control rows written in) + tokenizer + ``controls.json``; after stage 1 also
         the peft Trainable Tokens adapter in ``control_adapter/``."""
-        from diffdpo.adapters import save_lora_adapter
-
         out_dir = Path(out_dir)
         lm = self.policy.model
         with control_rows_merged(lm):
             super().export(out_dir)
         if control_token_layer(lm) is not None:
-            save_lora_adapter(lm, out_dir / CONTROL_ADAPTER_DIR)  # peft's state-dict format: any peft adapter
+            _save_control_adapter(lm, out_dir / CONTROL_ADAPTER_DIR)
         write_controls(out_dir, self.cfg.control, self.control_ids)
+
+
+def _save_control_adapter(model: Any, out_dir: Path) -> None:
+    """The Trainable Tokens adapter as ``PeftModel.save_pretrained`` writes it (keys under ``base_model.model.``), so
+    ``PeftModel.from_pretrained(base resized to the tokenizer, out_dir)`` restores the control rows."""
+    from safetensors.torch import load_file, save_file
+
+    from diffdpo.adapters import save_lora_adapter
+
+    save_lora_adapter(model, out_dir)  # peft's state-dict helper; its keys lack PeftModel's prefix
+    file = Path(out_dir) / "adapter_model.safetensors"
+    state = load_file(str(file))
+    save_file({f"base_model.model.{k}": v for k, v in state.items()}, str(file))
 
 
 def write_controls(out_dir: Path, cfg: ControlConfig, control_ids: Sequence[int]) -> None:
