@@ -110,18 +110,8 @@ def preference_rows(n: int, seed: int, rewrite_rate: float = 0.5) -> list[dict]:
 
 
 @dataclass
-class HallucinationWorld:
-    """Paths of a built hallucination world."""
-
-    root: Path
-
-    @property
-    def model_dir(self) -> Path:
-        return self.root / "model"
-
-    @property
-    def pairs(self) -> Path:
-        return self.root / "pairs.jsonl"
+class HallucinationWorld(tiny.TinyWorld):
+    """Paths of a built hallucination world: the tiny world's layout plus the pairs without spans."""
 
     @property
     def pairs_nospans(self) -> Path:
